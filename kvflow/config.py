@@ -1,0 +1,246 @@
+"""Engine arguments (what users set) and the frozen, validated engine config built from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _arg(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineArgs:
+    """Every engine setting a user can choose; `kvflow serve` exposes each as a --flag."""
+
+    model: str | None = _arg(
+        None, "local HF folder, GGUF file, or packaged model name (default: smollm2-135m-instruct)"
+    )
+    tokenizer: str | None = _arg(None, "tokenizer folder (default: the model's)")
+    dtype: str = _arg(
+        "auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+        choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
+    )
+    device: str = _arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    seed: int = _arg(0, "seed of the engine's shared random generator")
+    max_model_len: int | None = _arg(None, "longest prompt + output (default: the model's)")
+    block_size: int = _arg(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float = _arg(2.0, "KV cache size in GiB on CPU")
+    gpu_memory_utilization: float = _arg(0.9, "fraction of GPU memory for weights + KV cache")
+    num_kv_blocks: int | None = _arg(None, "exact number of KV blocks (overrides the sizing)")
+    max_num_seqs: int = _arg(256, "most requests in one batch")
+    max_num_batched_tokens: int | None = _arg(
+        None, "token budget of one step (default 1024 on CPU, 4096 on CUDA)"
+    )
+    enable_chunked_prefill: bool = _arg(True, "split long prompts over several steps")
+    enable_prefix_caching: bool = _arg(True, "reuse KV blocks of equal prompt prefixes")
+    scheduling_policy: str = _arg("fcfs", "fcfs or priority", choices=["fcfs", "priority"])
+    max_logprobs: int = _arg(20, "largest logprobs / prompt_logprobs a request may ask for")
+    stream_interval: int = _arg(1, "send streamed outputs every N tokens (first and last always)")
+    disable_log_stats: bool = _arg(False, "do not log the periodic stats line")
+    num_threads: int | None = _arg(None, "torch threads in the engine core (default: all cores)")
+    tensor_parallel_size: int = _arg(1, "GPUs per model replica (only 1 is supported yet)")
+    quantization: str | None = _arg(None, "weight quantization (none supported yet)")
+    enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
+
+    def create_engine_config(self) -> EngineConfig:
+        """Validate the arguments, resolve the model, and freeze the result."""
+        from kvflow.model.registry import resolve_model
+
+        _check_positive(self)
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size: only 1 is supported yet")
+        if self.quantization is not None:
+            raise ValueError(f"quantization {self.quantization!r} is not supported yet")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        device = _resolve_device(self.device)
+        dtype = _resolve_dtype(self.dtype, device)
+        path = resolve_model(self.model)
+        model_config = ModelConfig.from_folder(
+            model=self.model, path=path, tokenizer=self.tokenizer, dtype=dtype, device=device,
+            max_model_len=self.max_model_len, seed=self.seed, max_logprobs=self.max_logprobs,
+        )
+        budget = self.max_num_batched_tokens or (4096 if device.type == "cuda" else 1024)
+        if not self.enable_chunked_prefill:
+            budget = max(budget, model_config.max_model_len)
+        cache = CacheConfig(
+            block_size=self.block_size, kv_cache_memory_gb=self.kv_cache_memory_gb,
+            gpu_memory_utilization=self.gpu_memory_utilization, num_kv_blocks=self.num_kv_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        scheduler = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+            enable_chunked_prefill=self.enable_chunked_prefill, policy=self.scheduling_policy,
+            stream_interval=self.stream_interval,
+        )
+        return EngineConfig(
+            model_config=model_config, cache_config=cache, scheduler_config=scheduler,
+            log_stats=not self.disable_log_stats, num_threads=self.num_threads,
+        )
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add one --flag per field, generated from the dataclass (one source of truth)."""
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "model":
+                continue  # positional in the CLI
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            help_text = f.metadata.get("help", "")
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                    default=f.default, help=help_text)
+                continue
+            parser.add_argument(flag, type=_scalar_type(kind), default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _scalar_type(kind: Any) -> Any:
+    for candidate in (int, float, str):
+        if kind is candidate or candidate in getattr(kind, "__args__", ()):
+            return candidate
+    return str
+
+
+def _check_positive(args: EngineArgs) -> None:
+    for name in ("block_size", "max_num_seqs", "stream_interval", "max_logprobs"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks", "num_threads"):
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if args.kv_cache_memory_gb <= 0:
+        raise ValueError(f"kv_cache_memory_gb must be > 0, got {args.kv_cache_memory_gb}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}"
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The resolved model: where it is, its shape, and the limits derived from it."""
+
+    model: str
+    path: Path
+    tokenizer_path: Path
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    seed: int
+    max_logprobs: int
+    architecture: str
+
+    @classmethod
+    def from_folder(cls, *, model: str | None, path: Path, tokenizer: str | None,
+                    dtype: torch.dtype, device: torch.device, max_model_len: int | None,
+                    seed: int, max_logprobs: int) -> ModelConfig:
+        from kvflow.model.loader import load_hf_config
+
+        hf_config = load_hf_config(path)
+        model_max = int(getattr(hf_config, "max_position_embeddings", 2048))
+        if max_model_len is not None and max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's limit of {model_max}"
+            )
+        return cls(
+            model=model or path.name, path=path,
+            tokenizer_path=Path(tokenizer) if tokenizer else path,
+            dtype=dtype, device=device, max_model_len=max_model_len or model_max,
+            vocab_size=int(hf_config.vocab_size), eos_token_ids=_eos_ids(path, hf_config),
+            seed=seed, max_logprobs=max_logprobs,
+            architecture=(getattr(hf_config, "architectures", None) or ["?"])[0],
+        )
+
+
+def _eos_ids(path: Path, hf_config: Any) -> tuple[int, ...]:
+    """EOS ids from generation_config.json where present (it may list several), else config."""
+    eos: Any = None
+    gen = path / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is sized and whether prefixes are shared."""
+
+    block_size: int
+    kv_cache_memory_gb: float
+    gpu_memory_utilization: float
+    num_kv_blocks: int | None
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits and the scheduling policy."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    policy: str
+    stream_interval: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, validated and frozen."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    log_stats: bool = True
+    num_threads: int | None = None

@@ -1,0 +1,194 @@
+"""Paged KV cache bookkeeping: a block pool with an LRU free list and prefix hashing.
+
+This module only tracks block ids; the tensors live in the model runner. Each request
+owns a list of block ids (its block table). A full block has a hash chained from its
+parent's hash, its token ids and extra keys, so equal prefixes map to equal hashes and
+share one physical block through reference counts.
+
+Invariants (checked by `check_invariants`):
+- a block is in the free list iff its ref_cnt is 0;
+- a block is in the hash table iff it has a hash, and the table maps that hash to it;
+- every block id held by a request has ref_cnt >= 1.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from kvflow.core.request import Request
+
+
+class Block:
+    """One physical KV block."""
+
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: int | None = None
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: tuple) -> int:
+    """Hash of one full block, chained from its parent so a hash names the whole prefix."""
+    return hash((parent_hash, tuple(token_ids), extra))
+
+
+class KVCacheManager:
+    """Allocates blocks to requests, shares cached prefixes, evicts least recently used."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # LRU order: the first entry is evicted first. O(1) removal from the middle.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.req_blocks: dict[str, list[int]] = {}
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live requests (cached-but-free blocks count as free)."""
+        return 1.0 - len(self.free_blocks) / self.num_blocks if self.num_blocks else 0.0
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.req_blocks.get(request_id, [])
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache ----------------------------------------------------------------
+    def _extra_keys(self, request: Request, block_index: int) -> tuple:
+        salt = request.cache_salt if block_index == 0 else None
+        return (request.lora_name, salt)
+
+    def _update_hashes(self, request: Request, num_tokens: int) -> None:
+        """Extend request.block_hashes to every full block within its first num_tokens."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        tokens = request.all_token_ids
+        while (len(hashes) + 1) * bs <= num_tokens:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], self._extra_keys(request, i)))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest cached prefix of the request: (block ids, number of tokens).
+
+        At least one token is always left to compute, since the last position's logits
+        are needed to sample.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        self._update_hashes(request, request.num_tokens)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hit: list[int] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block_id = self.cached.get(block_hash)
+            if block_id is None:
+                break
+            hit.append(block_id)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hit) * self.block_size
+        return hit, len(hit) * self.block_size
+
+    # ---- allocation ------------------------------------------------------------------
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: Sequence[int] = ()) -> bool:
+        """Make the request's blocks cover its computed + new tokens; False leaves no change.
+
+        `computed_blocks` are prefix-cache hits for a request being admitted; they are
+        taken (ref_cnt + 1) before new blocks are allocated.
+        """
+        held = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(held) - len(computed_blocks)
+        # Hits sitting in the free list are taken out of it, so they cannot count as free.
+        evictable_hits = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
+        if num_new_blocks > len(self.free_blocks) - evictable_hits:
+            return False
+        for block_id in computed_blocks:
+            self._take(block_id)
+        new_ids = [self._pop_free() for _ in range(max(num_new_blocks, 0))]
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        blocks.extend(computed_blocks)
+        blocks.extend(new_ids)
+        if self.enable_caching:
+            self._cache_full_blocks(request, blocks, total)
+        return True
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_cnt == 0:
+            del self.free_blocks[block_id]
+        block.ref_cnt += 1
+
+    def _pop_free(self) -> int:
+        block_id, _ = self.free_blocks.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict it from the prefix cache
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_cnt = 1
+        return block_id
+
+    def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int) -> None:
+        """Register the blocks that will be full once num_tokens tokens are computed."""
+        self._update_hashes(request, min(num_tokens, request.num_tokens))
+        for i, block_hash in enumerate(request.block_hashes[: len(blocks)]):
+            block = self.blocks[blocks[i]]
+            if block.block_hash is None and block_hash not in self.cached:
+                block.block_hash = block_hash
+                self.cached[block_hash] = block.block_id
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks; cached ones stay reusable until evicted.
+
+        Blocks are released tail first, so a request's last blocks are evicted before its
+        first ones (a shared prefix outlives the unique suffix).
+        """
+        blocks = self.req_blocks.pop(request.request_id, [])
+        for block_id in reversed(blocks):
+            block = self.blocks[block_id]
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if block.block_hash is None:
+                    # Uncached blocks hold nothing reusable: evict them first.
+                    self.free_blocks[block_id] = None
+                    self.free_blocks.move_to_end(block_id, last=False)
+                else:
+                    self.free_blocks[block_id] = None
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; refused (False) while any block is in use."""
+        if len(self.free_blocks) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+        return True
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent."""
+        held: dict[int, int] = {}
+        for blocks in self.req_blocks.values():
+            for block_id in blocks:
+                held[block_id] = held.get(block_id, 0) + 1
+        for block in self.blocks:
+            in_free = block.block_id in self.free_blocks
+            assert in_free == (block.ref_cnt == 0), f"block {block.block_id} free/ref mismatch"
+            assert block.ref_cnt == held.get(block.block_id, 0), f"block {block.block_id} refs"
+            if block.block_hash is not None:
+                assert self.cached.get(block.block_hash) == block.block_id
+        assert len(self.cached) == sum(b.block_hash is not None for b in self.blocks)

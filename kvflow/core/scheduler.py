@@ -1,0 +1,216 @@
+"""The scheduler: which requests run this step, with how many tokens each.
+
+One rule drives everything: each request's `num_computed_tokens` catches up with its
+`num_tokens`. A step gives each running request min(remaining, budget) tokens (1 for a
+decode, a chunk for a long prompt), then admits waiting requests while the token budget,
+`max_num_seqs` and KV blocks allow. When a running request cannot get a block, the
+policy's victim is preempted: its blocks are freed and it recomputes later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvflow.config import SchedulerConfig
+from kvflow.core.kv_cache import KVCacheManager
+from kvflow.core.request import Request, RequestStatus
+from kvflow.core.request_queue import RequestQueue, make_request_queue
+from kvflow.engine.protocol import EngineCoreOutput, SchedulerStats
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this step computes the last known token, so a token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What the model runner must compute this step."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Per scheduled request, the sampled token (None for a partial prefill chunk)."""
+
+    sampled: list[int | None]
+    logprobs: list[object | None] | None = None
+    prompt_logprobs: list[object | None] | None = None
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, a fcfs/priority policy and preemption."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: RequestQueue = make_request_queue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_steps = 0
+
+    # ---- request lifecycle ---------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.waiting.add(request)
+        self.requests[request.request_id] = request
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests (abort or client-side stop); returns those that were still alive."""
+        ended = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv.free(request)
+            ended.append(request)
+        return ended
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_schedulable_requests(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    # ---- scheduling ------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self._schedule_running(out, budget)
+        if not preempted:
+            self._schedule_waiting(out, budget)
+        for item in out.scheduled:
+            item.block_ids = self.kv.block_ids(item.request.request_id)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        preempted = False
+        scheduled: dict[str, ScheduledRequest] = {}
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._pick_victim()
+                preempted = True
+                undone = scheduled.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_new_tokens
+                    i -= 1  # the victim sat before request in self.running
+                self._preempt(victim)
+                if victim is request:
+                    num_new = 0
+                    break
+            if num_new == 0:
+                continue  # request itself was preempted; running[i] is now the next one
+            scheduled[request.request_id] = ScheduledRequest(request, num_new, [])
+            budget -= num_new
+            i += 1
+        out.scheduled.extend(scheduled.values())
+        return budget, preempted
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time, r.seq))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_front(request)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(request, num_new, hit_blocks):
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, []))
+            budget -= num_new
+
+    # ---- after the forward pass --------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
+        """Advance computed counts, append sampled tokens, finish stopped requests."""
+        outputs: list[EngineCoreOutput] = []
+        self.num_steps += 1
+        for i, item in enumerate(out.scheduled):
+            request = item.request
+            computed = request.num_computed_tokens
+            self.num_prompt_tokens += max(
+                0, min(request.num_prompt_tokens, computed + item.num_new_tokens) - computed)
+            request.num_computed_tokens += item.num_new_tokens
+            token = result.sampled[i]
+            prompt_lp = result.prompt_logprobs[i] if result.prompt_logprobs else None
+            if token is None:
+                if prompt_lp is not None:
+                    outputs.append(EngineCoreOutput(request.request_id, [],
+                                                    new_prompt_logprobs=prompt_lp))  # type: ignore[arg-type]
+                continue
+            request.append_token(token)
+            self.num_generation_tokens += 1
+            status = request.check_stop()
+            output = EngineCoreOutput(
+                request.request_id, [token],
+                new_logprobs=result.logprobs[i] if result.logprobs else None,  # type: ignore[arg-type]
+                new_prompt_logprobs=prompt_lp,  # type: ignore[arg-type]
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+            if status is not None:
+                self._finish(request, status)
+                output.finish_reason = status.finish_reason
+                output.stop_reason = request.stop_reason
+            outputs.append(output)
+        return outputs
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.running.remove(request)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_kv_blocks=self.kv.num_blocks, num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
+        )

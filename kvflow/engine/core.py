@@ -1,0 +1,92 @@
+"""EngineCore: the scheduler, KV cache and model runner, advanced one step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from kvflow.config import EngineConfig
+from kvflow.core.kv_cache import KVCacheManager
+from kvflow.core.request import Request, RequestStatus
+from kvflow.core.scheduler import Scheduler
+from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """schedule → execute → update; the same object runs in-process or in its own process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from kvflow.worker.model_runner import ModelRunner  # heavy: loads torch models
+
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.model_config.seed)
+        self.runner = ModelRunner(config)
+        cc = config.cache_config
+        self.kv = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        mc = config.model_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, mc.max_model_len)
+        self.paused = False
+        self._seq = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens); up to %.2f sequences of %d tokens",
+            self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
+            self.max_concurrency, mc.max_model_len,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def max_concurrency(self) -> float:
+        """How many full-length (max_model_len) sequences fit in the KV cache at once."""
+        blocks_per_seq = self.kv.blocks_needed(self.config.model_config.max_model_len)
+        return self.num_blocks / blocks_per_seq
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        self._seq += 1
+        request = Request(req, self.config.model_config.max_model_len, self._seq,
+                          self.runner.device)
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_work(self) -> bool:
+        return not self.paused and self.scheduler.has_schedulable_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        if not self.has_work():
+            return EngineCoreOutputs([], time.time())
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled:
+            return EngineCoreOutputs([], time.time())
+        result = self.runner.execute(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, result)
+        return EngineCoreOutputs(outputs, time.time())
+
+    # ---- utility calls (also reachable over ZMQ by name) ------------------------------
+    def pause(self) -> None:
+        """Stop scheduling; running requests keep their KV blocks until resume."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)

@@ -1,0 +1,100 @@
+"""LLM: synchronous offline generation and chat, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from kvflow.config import EngineArgs
+from kvflow.engine.llm_engine import LLMEngine
+from kvflow.engine.processor import PromptType
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import RequestOutputKind, SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """Offline batch inference: `LLM().generate(prompts, params)` returns outputs in order."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt together; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompt_list = list(prompts)
+        params_list = self._params_list(sampling_params, len(prompt_list))
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError("priority must have one entry per prompt")
+        ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+                request_id = str(next(self._counter))
+                self.llm_engine.add_request(request_id, prompt, params,
+                                            priority=priority[i] if priority else 0)
+                ids.append(request_id)
+        except Exception:
+            self.llm_engine.abort_request(ids)  # nothing half-queued stays behind
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: ChatMessages | Sequence[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, generate."""
+        conversations: Sequence[ChatMessages]
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]  # type: ignore[list-item]
+        else:
+            conversations = messages  # type: ignore[assignment]
+        processor = self.llm_engine.processor
+        prompts: list[PromptType] = []
+        for conv in conversations:
+            text = processor.apply_chat_template(conv, add_generation_prompt,
+                                                 **(chat_template_kwargs or {}))
+            _, ids = processor.tokenize(text, {"add_special_tokens": False})
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _params_list(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                     n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * n
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != n:
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {n} prompts; give one or one each"
+                )
+        result = []
+        for params in params_list:
+            params = params.clone()
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # the offline API returns once
+            result.append(params)
+        return result
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]

@@ -1,0 +1,81 @@
+"""LLMEngine: a synchronous engine with the core in this process (used by `LLM`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvflow.config import EngineArgs, EngineConfig
+from kvflow.engine.core import EngineCore
+from kvflow.engine.output_processor import OutputProcessor
+from kvflow.engine.processor import Processor, PromptType, load_tokenizer
+from kvflow.engine.streams import ParentRequest
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    """Processor → EngineCore → OutputProcessor, driven by explicit step() calls."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model_config)
+        self.core = EngineCore(config)
+        self.processor = Processor(config.model_config, self.tokenizer, self.core.num_blocks,
+                                   config.cache_config.block_size)
+        self.output_processor = OutputProcessor(
+            self.tokenizer, config.scheduler_config.stream_interval)
+        self.parents: dict[str, ParentRequest] = {}
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args.create_engine_config())
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    priority: int = 0, tokenization_kwargs: dict[str, Any] | None = None) -> None:
+        """Validate and queue one request (n > 1 fans out to n child requests)."""
+        if request_id in self.parents or request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already running")
+        text, ids = self.processor.tokenize(prompt, tokenization_kwargs)
+        arrival = time.time()
+        if params.n == 1:
+            req = self.processor.make_request(request_id, ids, params, arrival, priority)
+            self.output_processor.add_request(request_id, text, ids, params, arrival)
+            self.core.add_request(req)
+            return
+        parent = ParentRequest(request_id, params)
+        children = [
+            self.processor.make_request(child_id, ids, parent.child_params(i), arrival, priority)
+            for i, child_id in enumerate(parent.child_ids)
+        ]
+        self.parents[request_id] = parent
+        for i, req in enumerate(children):
+            self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
+                                              arrival, parent=parent, index=i)
+            self.core.add_request(req)
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
+        processed = self.output_processor.process_outputs(core_outputs.outputs,
+                                                          core_outputs.timestamp)
+        if processed.reqs_to_abort:
+            self.core.abort_requests(processed.reqs_to_abort)
+        for out in processed.request_outputs:
+            if out.finished:
+                self.parents.pop(out.request_id, None)
+        return processed.request_outputs
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        child_ids = []
+        for request_id in ids:
+            parent = self.parents.pop(request_id, None)
+            child_ids.extend(parent.child_ids if parent else [request_id])
+        self.core.abort_requests(child_ids)
+        return self.output_processor.abort_requests(child_ids, time.time())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests() or self.core.has_work()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer

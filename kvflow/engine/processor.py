@@ -1,0 +1,138 @@
+"""Client side of a request's way in: prompt or chat → validated token ids for the core."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvflow.config import ModelConfig
+from kvflow.engine.protocol import EngineCoreRequest
+from kvflow.sampling_params import SamplingParams
+
+PromptType = str | Mapping[str, Any]
+
+
+def load_tokenizer(model_config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_config.tokenizer_path))
+
+
+class Processor:
+    """Tokenizes and validates; every error here is a ValueError raised before queueing."""
+
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int,
+                 block_size: int) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.eos_token_ids = list(model_config.eos_token_ids)
+
+    def tokenize(self, prompt: PromptType,
+                 tokenization_kwargs: dict[str, Any] | None = None) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids) of a string, {"prompt": ...} or {"prompt_token_ids": ...}."""
+        if isinstance(prompt, str):
+            text: str | None = prompt
+        elif isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        elif isinstance(prompt, Mapping) and isinstance(prompt.get("prompt"), str):
+            text = prompt["prompt"]
+        else:
+            raise ValueError(
+                "prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}, "
+                f"got {type(prompt).__name__}"
+            )
+        assert text is not None
+        if not text:
+            raise ValueError("the prompt is empty")
+        kwargs = dict(tokenization_kwargs or {})
+        ids = self.tokenizer(text, **kwargs)["input_ids"]
+        return text, list(ids)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        return str(self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs))
+
+    def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     arrival_time: float | None = None, priority: int = 0,
+                     lora_name: str | None = None) -> EngineCoreRequest:
+        """Validate a tokenized request and build what is sent to the core."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if params.structured_outputs is not None:
+            raise ValueError("structured_outputs is not supported by this engine yet")
+        self._check_prompt(prompt_ids)
+        mc = self.model_config
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > mc.max_logprobs:
+                raise ValueError(f"{name} must be <= max_logprobs ({mc.max_logprobs}), got {value}")
+        self._check_fits(len(prompt_ids), params)
+        params = params.clone()
+        params.all_stop_token_ids |= set(self.eos_token_ids)
+        if params.bad_words:
+            params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
+        self._check_token_ids(params)
+        return EngineCoreRequest(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=arrival_time if arrival_time is not None else time.time(),
+            priority=priority, lora_name=lora_name,
+        )
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        mc = self.model_config
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids out of vocabulary (0..{mc.vocab_size - 1}): {bad[:5]}"
+            )
+        if len(prompt_ids) > mc.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens, more than the model's context "
+                f"length max_model_len={mc.max_model_len}"
+            )
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        mc = self.model_config
+        max_tokens = params.max_tokens if params.max_tokens is not None else mc.max_model_len
+        total = min(prompt_len + max_tokens, mc.max_model_len)
+        blocks = -(-total // self.block_size)
+        if blocks > self.num_kv_blocks:
+            raise ValueError(
+                f"this request needs up to {total} tokens of KV cache ({blocks} blocks) but the "
+                f"cache has {self.num_kv_blocks} blocks: lower max_tokens or enlarge the cache"
+            )
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            ids = getattr(params, name) or []
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"{name} has ids outside the vocabulary (0..{vocab - 1})")
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias has token ids outside the vocabulary (0..{vocab - 1})")
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as tokenized alone and after a space (vLLM's rule)."""
+        result: list[list[int]] = []
+        for word in words:
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
+                if ids and ids not in result:
+                    result.append(list(ids))
+        return result

@@ -1,0 +1,122 @@
+"""Every message that crosses the ZMQ boundary between the client and the engine core.
+
+Nothing else is sent between the processes: requests go one way as `EngineCoreRequest`,
+aborts and utility calls as small structs, and everything comes back as `EngineCoreOutputs`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from kvflow.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    """Why a request stopped; `str()` gives the OpenAI / vLLM spelling."""
+
+    STOP = 0
+    LENGTH = 1
+    ABORT = 2
+    ERROR = 3
+
+    def __str__(self) -> str:
+        return ("stop", "length", "abort", "error")[self.value]
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One tokenized, validated request for the core."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    arrival_time: float
+    priority: int = 0
+    lora_name: str | None = None
+
+
+class LogprobsLists(msgspec.Struct, array_like=True):
+    """Logprobs of some positions: column 0 is the chosen token, then the top-k."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]  # rank of the chosen token (1 = most likely)
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What one request produced in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: LogprobsLists | None = None
+    new_prompt_logprobs: LogprobsLists | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    """The core's current numbers, for stats logs, metrics and get_scheduler_stats()."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks held by live requests
+    num_kv_blocks: int = 0
+    num_preemptions: int = 0  # since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up, since start
+    prefix_cache_hits: int = 0  # of which found in the cache
+    num_prompt_tokens: int = 0  # computed prompt tokens, since start
+    num_generation_tokens: int = 0  # sampled tokens, since start
+    num_steps: int = 0
+
+
+class UtilityOutput(msgspec.Struct, array_like=True):
+    """The answer to one utility call (`call_id` matches the request)."""
+
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One message from the core: request outputs, or a utility answer, or a death notice."""
+
+    outputs: list[EngineCoreOutput] = []
+    timestamp: float = 0.0
+    scheduler_stats: SchedulerStats | None = None
+    utility_output: UtilityOutput | None = None
+    engine_error: str | None = None  # set once, when the core is about to die
+
+
+class UtilityRequest(msgspec.Struct, array_like=True):
+    """Call a method of the core (pause, stats, reset cache, ...) and get its result back."""
+
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class RequestType(bytes, enum.Enum):
+    """First frame of each client → core message."""
+
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"
+    SHUTDOWN = b"\x03"
+
+
+class ReadyMessage(msgspec.Struct):
+    """The core's handshake once the model is loaded, or why it failed."""
+
+    ok: bool
+    num_kv_blocks: int = 0
+    max_concurrency: float = 0.0
+    error: str | None = None

@@ -1,0 +1,148 @@
+"""Turns a SchedulerOutput into one forward pass over flat tensors, then samples."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from kvflow.config import EngineConfig
+from kvflow.core.scheduler import SchedulerOutput, StepResult
+from kvflow.engine.protocol import LogprobsLists
+from kvflow.model.attention import (
+    build_attention_metadata,
+    kv_cache_bytes_per_block,
+    kv_cache_shape,
+)
+from kvflow.model.loader import load_model
+from kvflow.sample.metadata import SamplingMetadata
+from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler of one engine core."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        mc = config.model_config
+        self.device = mc.device
+        self.dtype = mc.dtype
+        self.block_size = config.cache_config.block_size
+        self.vocab_size = mc.vocab_size
+        self.model = load_model(mc.path, mc.dtype, mc.device)
+        self.num_blocks = self._count_blocks(config)
+        shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
+                               self.model.head_dim)
+        # one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=mc.dtype, device=mc.device)
+            for _ in range(self.model.num_layers)
+        ]
+        self.sampler = Sampler()
+
+    def _count_blocks(self, config: EngineConfig) -> int:
+        cc = config.cache_config
+        if cc.num_kv_blocks is not None:
+            return cc.num_kv_blocks
+        per_block = kv_cache_bytes_per_block(
+            self.model.num_layers, self.block_size, self.model.num_kv_heads,
+            self.model.head_dim, self.dtype,
+        )
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = cc.gpu_memory_utilization * total - (total - free)
+        else:
+            budget = cc.kv_cache_memory_gb * (1 << 30)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache ({budget / 2**30:.2f} GiB available, "
+                f"{per_block} bytes per block): raise kv_cache_memory_gb / gpu_memory_utilization"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        scheduled = out.scheduled
+        query_lens = [s.num_new_tokens for s in scheduled]
+        seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
+        token_chunks = [
+            s.request.all_token_ids[s.request.num_computed_tokens:seq_len]
+            for s, seq_len in zip(scheduled, seq_lens)
+        ]
+        input_ids = torch.from_numpy(np.fromiter(
+            (t for chunk in token_chunks for t in chunk), dtype=np.int64, count=sum(query_lens)))
+        positions = torch.from_numpy(np.concatenate([
+            np.arange(seq_len - q, seq_len, dtype=np.int64)
+            for q, seq_len in zip(query_lens, seq_lens)
+        ]))
+        metadata = build_attention_metadata(
+            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device)
+        hidden = self.model(input_ids.to(self.device), positions.to(self.device),
+                            self.kv_caches, metadata)  # [num_tokens, hidden]
+        ends = np.cumsum(query_lens) - 1
+        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
+        sampled: list[int | None] = [None] * len(scheduled)
+        logprobs: list[object | None] | None = None
+        if rows:
+            last = torch.as_tensor(ends[rows], device=self.device)
+            logits = self.model.compute_logits(hidden[last])  # [len(rows), vocab]
+            requests = [scheduled[i].request for i in rows]
+            metadata_s = SamplingMetadata.build(
+                [r.sampling_params for r in requests],
+                [r.prompt_token_ids for r in requests],
+                [r.output_token_ids for r in requests],
+                [r.generator for r in requests],
+                self.vocab_size, self.device,
+            )
+            result = self.sampler(logits, metadata_s)
+            for row, token in zip(rows, result.sampled_token_ids.tolist()):
+                sampled[row] = token
+            if result.logprobs is not None:
+                logprobs = [None] * len(scheduled)
+                per_row = _split_logprobs(result.logprobs)
+                for j, row in enumerate(rows):
+                    if requests[j].sampling_params.logprobs is not None:
+                        logprobs[row] = _trim(per_row[j], requests[j].sampling_params.logprobs)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
+        return StepResult(sampled, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor,
+                         ends: np.ndarray) -> list[object | None] | None:
+        """Logprobs of each prompt token given the tokens before it, for requests asking."""
+        result: list[object | None] | None = None
+        for i, s in enumerate(scheduled):
+            k = s.request.sampling_params.prompt_logprobs
+            start = s.request.num_computed_tokens
+            num_prompt = s.request.num_prompt_tokens
+            if k is None or s.request.num_output_tokens > 0:
+                continue
+            # positions start..start+n-1 predict tokens start+1..start+n (prompt only)
+            stop = min(start + s.num_new_tokens, num_prompt - 1)
+            if result is None:
+                result = [None] * len(scheduled)
+            if stop <= start:
+                result[i] = LogprobsLists([], [], [])
+                continue
+            first = int(ends[i]) - s.num_new_tokens + 1
+            logits = self.model.compute_logits(hidden[first:first + stop - start])
+            targets = torch.tensor(s.request.all_token_ids[start + 1:stop + 1], device=self.device)
+            result[i] = _to_lists(compute_prompt_logprobs(logits, targets, k))
+        return result
+
+
+def _to_lists(t: LogprobsTensors) -> LogprobsLists:
+    return LogprobsLists(t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist())
+
+
+def _split_logprobs(t: LogprobsTensors) -> list[LogprobsLists]:
+    ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
+    return [LogprobsLists([ids[j]], [lps[j]], [ranks[j]]) for j in range(len(ids))]
+
+
+def _trim(lists: LogprobsLists, k: int) -> LogprobsLists:
+    """Keep the sampled token plus this request's own top-k (the batch computed the max)."""
+    return LogprobsLists([row[:k + 1] for row in lists.token_ids],
+                         [row[:k + 1] for row in lists.logprobs], lists.ranks)
