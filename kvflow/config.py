@@ -244,3 +244,11 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     log_stats: bool = True
     num_threads: int | None = None
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """EngineArgs plus what only the asyncio engine needs."""
+
+    multiprocess: bool = _arg(True, "run the engine core in its own process (off: a thread)")
+    disable_log_requests: bool = _arg(False, "do not log each request's arrival and end")

@@ -1,0 +1,300 @@
+"""AsyncLLM: vLLM's asyncio engine interface over an engine core in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from typing import Any
+
+from kvflow.config import AsyncEngineArgs, EngineConfig
+from kvflow.engine.core_client import CoreClient, InprocClient, MPClient
+from kvflow.engine.output_processor import OutputProcessor
+from kvflow.engine.processor import Processor, PromptType, load_tokenizer
+from kvflow.engine.protocol import EngineCoreRequest, SchedulerStats
+from kvflow.engine.stats import StatsLogger
+from kvflow.engine.streams import ParentRequest, RequestOutputCollector
+from kvflow.errors import EngineDeadError, EngineGenerateError
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+class AsyncLLM:
+    """Streams RequestOutputs for many concurrent requests sharing one engine core."""
+
+    def __init__(self, config: EngineConfig, *, multiprocess: bool = True,
+                 log_stats: bool | None = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model_config)
+        self.engine_core: CoreClient = MPClient(config) if multiprocess else InprocClient(config)
+        self.processor = Processor(config.model_config, self.tokenizer,
+                                   self.engine_core.num_kv_blocks, config.cache_config.block_size)
+        self.output_processor = OutputProcessor(self.tokenizer,
+                                                config.scheduler_config.stream_interval)
+        self.parents: dict[str, ParentRequest] = {}
+        self.held: list[EngineCoreRequest] = []  # requests that arrived while paused
+        self._paused = False
+        self._idle = asyncio.Event()  # set whenever no request is in flight
+        self._output_task: asyncio.Task[None] | None = None
+        self._shutdown = False
+        self.stats_logger = StatsLogger(config.log_stats if log_stats is None else log_stats)
+
+    @classmethod
+    def from_engine_args(cls, args: AsyncEngineArgs) -> AsyncLLM:
+        return cls(args.create_engine_config(), multiprocess=args.multiprocess,
+                   log_stats=not args.disable_log_stats)
+
+    @classmethod
+    def from_vllm_config(cls, config: EngineConfig, **kwargs: Any) -> AsyncLLM:
+        return cls(config, **kwargs)
+
+    async def __aenter__(self) -> AsyncLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- requests ----------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptType,
+                          params: SamplingParams, arrival_time: float | None = None,
+                          lora_request: Any = None,
+                          tokenization_kwargs: dict[str, Any] | None = None,
+                          trace_headers: Mapping[str, str] | None = None,
+                          priority: int = 0) -> RequestOutputCollector:
+        """Validate, tokenize and queue a request; returns the collector of its outputs."""
+        self._check_alive()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported by this engine yet")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.parents or request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already running")
+        text, ids = await self._tokenize(prompt, tokenization_kwargs)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        self._ensure_output_handler()
+        collector = RequestOutputCollector(params.output_kind)
+        if params.n == 1:
+            requests = [self.processor.make_request(request_id, ids, params, arrival, priority)]
+            parent = None
+        else:
+            parent = ParentRequest(request_id, params)
+            requests = [
+                self.processor.make_request(cid, ids, parent.child_params(i), arrival, priority)
+                for i, cid in enumerate(parent.child_ids)
+            ]
+        if request_id in self.parents or request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already running")  # raced
+        if parent is not None:
+            self.parents[request_id] = parent
+        for i, req in enumerate(requests):
+            self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
+                                              arrival, parent=parent, index=i,
+                                              sink=collector.put)
+        self._idle.clear()
+        for req in requests:
+            if self._paused:
+                self.held.append(req)
+            else:
+                self.engine_core.add_request(req)
+        return collector
+
+    async def _tokenize(self, prompt: PromptType,
+                        kwargs: dict[str, Any] | None) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str) and len(prompt) > 512:
+            # long texts tokenize in a worker thread so the event loop keeps streaming
+            return await asyncio.to_thread(self.processor.tokenize, prompt, kwargs)
+        return self.processor.tokenize(prompt, kwargs)
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
+                       request_id: str, *, lora_request: Any = None,
+                       tokenization_kwargs: dict[str, Any] | None = None,
+                       trace_headers: Mapping[str, str] | None = None,
+                       priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
+        """Stream the request's outputs; closing or cancelling the stream aborts it."""
+        collector = await self.add_request(
+            request_id, prompt, sampling_params, lora_request=lora_request,
+            tokenization_kwargs=tokenization_kwargs, trace_headers=trace_headers,
+            priority=priority)
+        finished = False
+        try:
+            while not finished:
+                out = collector.get_nowait() or await collector.get()
+                finished = out.finished
+                yield out
+        except (EngineDeadError, EngineGenerateError, ValueError):
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise EngineGenerateError(f"request {request_id} failed: {exc!r}") from exc
+        finally:
+            if not finished:
+                self._abort_quietly(request_id)
+
+    def _child_ids(self, request_ids: Iterable[str]) -> list[str]:
+        ids: list[str] = []
+        for request_id in request_ids:
+            parent = self.parents.get(request_id)
+            ids.extend(parent.child_ids if parent is not None else [request_id])
+        return ids
+
+    def _abort_quietly(self, request_id: str) -> None:
+        """The consumer went away: drop the request everywhere, emit nothing."""
+        ids = self._child_ids([request_id])
+        self.parents.pop(request_id, None)
+        for child_id in ids:
+            self.output_processor.states.pop(child_id, None)
+        self.held = [r for r in self.held if r.request_id not in ids]
+        self.engine_core.abort_requests(ids)
+        self._update_idle()
+
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Abort requests: each stream ends with a final output whose finish_reason is abort."""
+        request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        ids = self._child_ids(request_ids)
+        self.held = [r for r in self.held if r.request_id not in ids]
+        self.engine_core.abort_requests(ids)
+        self.output_processor.abort_requests(ids, time.time())
+        for rid in request_ids:
+            self.parents.pop(rid, None)
+        self._update_idle()
+
+    # ---- output handling ----------------------------------------------------------------
+    def _ensure_output_handler(self) -> None:
+        if self._output_task is None or self._output_task.done():
+            self._output_task = asyncio.get_running_loop().create_task(self._output_handler())
+
+    async def _output_handler(self) -> None:
+        try:
+            while True:
+                outputs = await self.engine_core.get_output()
+                chunk = 256  # yield to the loop between chunks so consumers keep up
+                for start in range(0, len(outputs.outputs), chunk):
+                    processed = self.output_processor.process_outputs(
+                        outputs.outputs[start:start + chunk], outputs.timestamp)
+                    self.engine_core.abort_requests(processed.reqs_to_abort)
+                    if start + chunk < len(outputs.outputs):
+                        await asyncio.sleep(0)
+                self._forget_finished_parents()
+                self._update_idle()
+                self.stats_logger.record(outputs)
+        except EngineDeadError as exc:
+            self._fail_all(exc)
+        except Exception as exc:  # a bug here must not leave streams hanging
+            logger.exception("output handler failed")
+            self._fail_all(EngineDeadError(f"the output handler failed: {exc!r}"))
+
+    def _forget_finished_parents(self) -> None:
+        states = self.output_processor.states
+        done = [rid for rid, p in self.parents.items() if not any(c in states for c in p.child_ids)]
+        for rid in done:
+            del self.parents[rid]
+
+    def _fail_all(self, exc: EngineDeadError) -> None:
+        for state in list(self.output_processor.states.values()):
+            if state.sink is not None:
+                state.sink(exc)
+        self.output_processor.states.clear()
+        self.parents.clear()
+        self._idle.set()
+
+    def _update_idle(self) -> None:
+        in_flight = len(self.output_processor.states) - len(self.held)
+        if in_flight <= 0:
+            self._idle.set()
+
+    # ---- pause / resume ---------------------------------------------------------------
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """Stop generating: abort in-flight requests, wait for them, or keep them frozen."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        self._check_alive()
+        if self._paused:
+            return
+        self._paused = True
+        if mode == "abort":
+            await self.abort(list(self.parents) + [
+                rid for rid, s in self.output_processor.states.items() if s.parent is None])
+        elif mode == "wait":
+            self._update_idle()
+            await self._idle.wait()
+        else:
+            await self.engine_core.call_utility("pause")
+        if clear_cache and mode != "keep":
+            await self.engine_core.call_utility("reset_prefix_cache")
+
+    async def resume_generation(self) -> None:
+        self._check_alive()
+        if not self._paused:
+            return
+        self._paused = False
+        await self.engine_core.call_utility("resume")
+        held, self.held = self.held, []
+        for req in held:
+            self.engine_core.add_request(req)
+
+    async def is_paused(self) -> bool:
+        return self._paused
+
+    # ---- health and introspection ---------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._shutdown:
+            raise EngineDeadError("the engine has been shut down")
+        self.engine_core.check_alive()
+
+    async def check_health(self) -> None:
+        self._check_alive()
+
+    @property
+    def errored(self) -> bool:
+        return self.engine_core.dead_error is not None
+
+    @property
+    def dead_error(self) -> BaseException:
+        return self.engine_core.dead_error or EngineDeadError()
+
+    @property
+    def is_running(self) -> bool:
+        return not self._shutdown and not self.errored
+
+    @property
+    def is_stopped(self) -> bool:
+        return self._shutdown
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
+    async def get_scheduler_stats(self) -> SchedulerStats:
+        stats: SchedulerStats = await self.engine_core.call_utility("get_stats")
+        return stats
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self.engine_core.call_utility("reset_prefix_cache"))
+
+    async def get_num_unfinished_requests_in_core(self) -> int:
+        return int(await self.engine_core.call_utility("num_unfinished_requests"))
+
+    def shutdown(self) -> None:
+        """Stop the engine core and its sockets; safe to call more than once."""
+        if self._shutdown:
+            return
+        self._shutdown = True
+        if self._output_task is not None and not self._output_task.done():
+            try:
+                self._output_task.cancel()
+            except RuntimeError:
+                pass  # its loop is already closed
+        self.engine_core.shutdown()
+
+
+AsyncLLMEngine = AsyncLLM

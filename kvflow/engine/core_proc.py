@@ -1,0 +1,152 @@
+"""The engine core's busy loop, and the entry point of the engine-core process.
+
+    client ──ZMQ PUSH──► input thread ──queue──► busy loop: handle inputs, step() ──ZMQ PUSH──► client
+
+The input thread decodes requests while the model runs, so aborts and new requests are
+never stuck behind a long step; the busy loop picks them up between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgspec
+
+from kvflow.config import EngineConfig
+from kvflow.engine.protocol import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    ReadyMessage,
+    RequestType,
+    UtilityOutput,
+    UtilityRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+# Methods of EngineCore a client may call by name.
+UTILITY_METHODS = frozenset(
+    {"pause", "resume", "get_stats", "reset_prefix_cache", "num_unfinished_requests"}
+)
+
+InputItem = tuple[RequestType, Any]
+
+
+class BusyLoop:
+    """Runs an EngineCore: applies inputs from a queue between steps, sends every output."""
+
+    def __init__(self, core: Any, send: Callable[[EngineCoreOutputs], None]) -> None:
+        self.core = core
+        self.send = send
+        self.inputs: queue.Queue[InputItem] = queue.Queue()
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            if not self.core.has_work():
+                self._handle(self.inputs.get())  # idle: block until something arrives
+            while self.running and not self.inputs.empty():
+                self._handle(self.inputs.get_nowait())
+            if self.running and self.core.has_work():
+                outputs = self.core.step()
+                if outputs.outputs:
+                    if self.core.config.log_stats:
+                        outputs.scheduler_stats = self.core.get_stats()
+                    self.send(outputs)
+
+    def _handle(self, item: InputItem) -> None:
+        kind, payload = item
+        if kind == RequestType.ADD:
+            try:
+                self.core.add_request(payload)
+            except Exception as exc:  # a bad request ends itself, never the loop
+                out = EngineCoreOutput(payload.request_id, [], finish_reason=FinishReason.ERROR,
+                                       error=str(exc))
+                self.send(EngineCoreOutputs([out], time.time()))
+        elif kind == RequestType.ABORT:
+            self.core.abort_requests(payload)
+        elif kind == RequestType.UTILITY:
+            self.send(EngineCoreOutputs(utility_output=self._call(payload)))
+        elif kind == RequestType.SHUTDOWN:
+            self.running = False
+
+    def _call(self, call: UtilityRequest) -> UtilityOutput:
+        if call.method not in UTILITY_METHODS:
+            return UtilityOutput(call.call_id, error=f"unknown utility method {call.method!r}")
+        try:
+            return UtilityOutput(call.call_id, result=getattr(self.core, call.method)(*call.args))
+        except Exception as exc:
+            return UtilityOutput(call.call_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _decode_input(frames: list[bytes]) -> InputItem:
+    kind = RequestType(frames[0])
+    if kind == RequestType.ADD:
+        return kind, msgspec.msgpack.decode(frames[1], type=EngineCoreRequest)
+    if kind == RequestType.ABORT:
+        return kind, msgspec.msgpack.decode(frames[1], type=list[str])
+    if kind == RequestType.UTILITY:
+        return kind, msgspec.msgpack.decode(frames[1], type=UtilityRequest)
+    return kind, None
+
+
+def _input_thread(sock: Any, loop: BusyLoop, parent_pid: int) -> None:
+    """Receive and decode client messages; stop the core if the client process vanishes."""
+    import zmq
+
+    while True:
+        if sock.poll(timeout=1000, flags=zmq.POLLIN):
+            item = _decode_input(sock.recv_multipart(copy=True))
+            loop.inputs.put(item)
+            if item[0] == RequestType.SHUTDOWN:
+                return
+        elif os.getppid() != parent_pid:  # the client died without saying goodbye
+            loop.inputs.put((RequestType.SHUTDOWN, None))
+            return
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
+                    ready: Connection, parent_pid: int) -> None:
+    """Entry point of the engine-core process: load, handshake, loop until told to stop."""
+    import zmq
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    try:
+        from kvflow.engine.core import EngineCore
+
+        core = EngineCore(config)
+    except BaseException as exc:
+        ready.send(ReadyMessage(ok=False, error=f"{type(exc).__name__}: {exc}"))
+        return
+    ctx = zmq.Context(io_threads=1)
+    in_sock = ctx.socket(zmq.PULL)
+    in_sock.connect(input_addr)
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.setsockopt(zmq.LINGER, 1000)
+    out_sock.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    loop = BusyLoop(core, lambda outputs: out_sock.send(encoder.encode(outputs), copy=False))
+    threading.Thread(target=_input_thread, args=(in_sock, loop, parent_pid), daemon=True,
+                     name="kvflow-core-input").start()
+    ready.send(ReadyMessage(ok=True, num_kv_blocks=core.num_blocks,
+                            max_concurrency=core.max_concurrency))
+    try:
+        loop.run()
+    except BaseException as exc:
+        logger.error("engine core failed:\n%s", traceback.format_exc())
+        out_sock.send(encoder.encode(EngineCoreOutputs(engine_error=f"{type(exc).__name__}: {exc}")))
+        raise
+    finally:
+        # The input thread still owns in_sock; process exit reclaims it and the context.
+        out_sock.close(linger=1000)

@@ -1,0 +1,44 @@
+"""The periodic one-line stats log of a running engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kvflow.engine.protocol import EngineCoreOutputs, SchedulerStats
+
+logger = logging.getLogger("kvflow.stats")
+
+
+class StatsLogger:
+    """Logs throughput, running/waiting requests, KV usage and prefix hits every interval."""
+
+    def __init__(self, enabled: bool, interval_s: float = 5.0) -> None:
+        self.enabled = enabled
+        self.interval_s = interval_s
+        self.last_time = time.monotonic()
+        self.last: SchedulerStats | None = None
+        self.latest: SchedulerStats | None = None
+
+    def record(self, outputs: EngineCoreOutputs) -> None:
+        if outputs.scheduler_stats is not None:
+            self.latest = outputs.scheduler_stats
+        now = time.monotonic()
+        if self.enabled and self.latest is not None and now - self.last_time >= self.interval_s:
+            logger.info("%s", format_stats(self.latest, self.last, now - self.last_time))
+            self.last, self.last_time = self.latest, now
+
+
+def format_stats(cur: SchedulerStats, prev: SchedulerStats | None, elapsed: float) -> str:
+    prompt = cur.num_prompt_tokens - (prev.num_prompt_tokens if prev else 0)
+    gen = cur.num_generation_tokens - (prev.num_generation_tokens if prev else 0)
+    queries = cur.prefix_cache_queries - (prev.prefix_cache_queries if prev else 0)
+    hits = cur.prefix_cache_hits - (prev.prefix_cache_hits if prev else 0)
+    hit_rate = 100.0 * hits / queries if queries else 0.0
+    return (
+        f"prompt throughput: {prompt / elapsed:.1f} tokens/s, "
+        f"generation throughput: {gen / elapsed:.1f} tokens/s, "
+        f"running: {cur.num_running_reqs} reqs, waiting: {cur.num_waiting_reqs} reqs, "
+        f"KV cache usage: {100 * cur.kv_cache_usage:.1f}%, "
+        f"prefix cache hit rate: {hit_rate:.1f}%, preemptions: {cur.num_preemptions}"
+    )
