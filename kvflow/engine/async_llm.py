@@ -168,8 +168,11 @@ class AsyncLLM:
 
     # ---- output handling ----------------------------------------------------------------
     def _ensure_output_handler(self) -> None:
-        if self._output_task is None or self._output_task.done():
-            self._output_task = asyncio.get_running_loop().create_task(self._output_handler())
+        loop = asyncio.get_running_loop()
+        task = self._output_task
+        if task is None or task.done() or task.get_loop() is not loop:
+            # (a new event loop, e.g. a second asyncio.run(), needs its own handler)
+            self._output_task = loop.create_task(self._output_handler())
 
     async def _output_handler(self) -> None:
         try:
