@@ -1,0 +1,231 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Parameter names follow Hugging Face checkpoints except two fusions made at load time:
+q/k/v projections become `qkv_proj` and gate/up become `gate_up_proj` (one matmul each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvflow.errors import ModelLoadError
+from kvflow.model.attention import AttentionMetadata, paged_attention
+from kvflow.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    linear,
+    rope_parameters,
+)
+
+# Checkpoint projection name -> (fused parameter name, shard index inside it).
+_FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def head_dim_of(config: Any) -> int:
+    """Per-head size: explicit in newer configs, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_config(config: Any) -> None:
+    """Refuse configs whose features this implementation would silently get wrong."""
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"activation '{act}' is not supported; only 'silu' is")
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None  # Qwen2 keeps a window size around but switches it off.
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if window is not None and (max_positions is None or window < max_positions):
+        raise ModelLoadError(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{max_positions}) is not supported"
+        )
+    rope_parameters(config)  # raises for rope scaling types we do not implement
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention with grouped KV heads, rotary positions and a paged KV cache."""
+
+    def __init__(self, config: Any, qkv_bias: bool, output_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
+        self.o_proj = linear(self.q_size, config.hidden_size, output_bias)
+
+    def shard_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, ...],
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split(self.shard_sizes(), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, hd]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KvH, hd]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KvH, hd]
+        q, k = apply_rotary(q, k, *rotary)
+        out = paged_attention(q, k, v, kv_cache, metadata, self.scale)  # [T, H, hd]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Any, qkv_bias: bool) -> None:
+        super().__init__()
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        self.self_attn = LlamaAttention(config, qkv_bias or attention_bias, attention_bias)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, ...],
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [T, hidden]
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm."""
+
+    def __init__(self, config: Any, qkv_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), *rope_parameters(config))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        rotary = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, hd] each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, rotary, kv_cache, metadata)
+        return self.norm(hidden)  # [T, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder plus LM head; Mistral and Qwen2 (qkv_bias=True) share this code."""
+
+    def __init__(self, config: Any, qkv_bias: bool = False) -> None:
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.num_layers: int = config.num_hidden_layers
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.vocab_size: int = config.vocab_size
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.model = LlamaModel(config, qkv_bias)
+        # Tied models read the embedding matrix directly instead of sharing a Parameter,
+        # which would come apart when the loader materializes meta tensors.
+        self.lm_head = (
+            None
+            if self.tie_word_embeddings
+            else linear(config.hidden_size, config.vocab_size, False)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the flattened new tokens of a step."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [R, vocab] for selected hidden states [R, hidden]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, int]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, shard = self._target_of(name)
+            if target not in params:
+                raise ModelLoadError(f"unexpected weight '{name}' in checkpoint")
+            destination = self._shard_view(params[target], target, shard)
+            if destination.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"weight '{name}' has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(destination.shape)}"
+                )
+            with torch.no_grad():
+                destination.copy_(tensor)
+            loaded.add((target, shard))
+        self._check_all_loaded(params, loaded)
+
+    @staticmethod
+    def _target_of(name: str) -> tuple[str, int]:
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED_SHARDS:
+            fused, shard = _FUSED_SHARDS[parts[-2]]
+            return ".".join([*parts[:-2], fused, parts[-1]]), shard
+        return name, -1
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int) -> torch.Tensor:
+        if shard < 0:
+            return param
+        if ".qkv_proj." in name:
+            kv_size = self.num_kv_heads * self.head_dim
+            sizes = [param.shape[0] - 2 * kv_size, kv_size, kv_size]
+        else:
+            sizes = [param.shape[0] // 2] * 2
+        return param.split(sizes, dim=0)[shard]
+
+    @staticmethod
+    def _check_all_loaded(params: Mapping[str, torch.Tensor], loaded: set[tuple[str, int]]) -> None:
+        missing = []
+        for name in params:
+            fused = [(part, shard) for part, (f, shard) in _FUSED_SHARDS.items() if f"{f}." in name]
+            if not fused and (name, -1) not in loaded:
+                missing.append(name)
+            for part, shard in fused:
+                if (name, shard) not in loaded:
+                    missing.append(name.replace(_FUSED_SHARDS[part][0], part))
+        if missing:
+            shown = ", ".join(missing[:5])
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} weights, e.g. {shown}")

@@ -1,0 +1,228 @@
+"""Load models from Hugging Face style folders, and turn GGUF files into such folders."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+from kvflow.errors import ModelLoadError
+from kvflow.model.llama import LlamaForCausalLM
+
+# config.architectures[0] -> model factory. Mistral is Llama without sliding windows;
+# Qwen2 is Llama with biases on the q/k/v projections.
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES: MappingProxyType[str, Callable[[Any], LlamaForCausalLM]] = MappingProxyType(
+    {
+        "LlamaForCausalLM": LlamaForCausalLM,
+        "MistralForCausalLM": LlamaForCausalLM,
+        "Qwen2ForCausalLM": functools.partial(LlamaForCausalLM, qkv_bias=True),
+    }
+)
+
+
+def load_hf_config(path: Path) -> PretrainedConfig:
+    """Read `path/config.json` with transformers (no remote code, no downloads)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{config_file} does not exist; a model folder needs a config.json")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+
+
+def architecture_of(config: PretrainedConfig) -> str:
+    """The first entry of `config.architectures`, checked against what kvflow implements."""
+    names = getattr(config, "architectures", None) or []
+    name = names[0] if names else f"<none; model_type '{config.model_type}'>"
+    if name not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"unsupported architecture '{name}'; supported: {supported}")
+    return name
+
+
+def weight_files(path: Path) -> list[Path]:
+    """All safetensors files of a folder (one file or the shards of a sharded checkpoint)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"no *.safetensors weights in {path}; only safetensors checkpoints are supported"
+        )
+    return files
+
+
+def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, read lazily one tensor at a time on the CPU."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, handle.get_tensor(name)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            raise ModelLoadError(
+                f"cannot read weights from {file}: {exc}; if this folder is a kvflow conversion "
+                f"cache, delete {file.parent} and it is rebuilt on the next start"
+            ) from exc
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Build the model on `device` in `dtype`, load its weights, return it in eval mode.
+
+    Parameters start on the meta device, so no memory is spent on random initialization and
+    each weight is copied (and cast) straight into its final place. The return type is the
+    one class all supported architectures share (an nn.Module).
+    """
+    config = load_hf_config(path)
+    factory = ARCHITECTURES[architecture_of(config)]
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = factory(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.load_weights(iterate_weights(files))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# transformers' model_type of a GGUF-derived config -> the architecture kvflow loads it as.
+_GGUF_ARCHITECTURES = MappingProxyType(
+    {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+)
+_GGUF_TOP_LEVEL = MappingProxyType(
+    {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+)
+_GGUF_BLOCK = MappingProxyType(
+    {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+)
+
+
+def open_gguf(gguf_file: Path) -> gguf.GGUFReader:
+    """Open a GGUF file, turning a truncated or corrupt file into a ModelLoadError."""
+    try:
+        return gguf.GGUFReader(gguf_file)
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf_file}: it is truncated or corrupt ({exc}); "
+            "copy or download it again"
+        ) from exc
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF checkpoint name of a llama.cpp tensor name; None for tensors kvflow derives itself."""
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if base == "rope_freqs":
+        # Llama 3 rope factors; transformers' GGUF reader ignores them too (see docs).
+        logger.warning("ignoring GGUF tensor 'rope_freqs': long-context rope scaling is lost")
+        return None
+    if base in _GGUF_TOP_LEVEL:
+        return f"{_GGUF_TOP_LEVEL[base]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{suffix}"
+    raise ModelLoadError(f"GGUF tensor '{gguf_name}' has no counterpart in kvflow's models")
+
+
+def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time reordering of Llama q/k rows.
+
+    llama.cpp stores each head's rows interleaved (pairs of rotated dims side by side);
+    Hugging Face checkpoints keep them half-split. Per head, rows go back from
+    [x0, y0, x1, y1, ...] to [x0, x1, ..., y0, y1, ...].
+    """
+    shape = weight.shape
+    return weight.reshape(num_heads, -1, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def read_gguf_tensors(reader: gguf.GGUFReader, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to float32 under its HF name, q/k rows un-permuted for Llama."""
+    permuted = config.model_type in ("llama", "mistral")
+    head_counts = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # GGUF lists dimensions fastest-first; torch wants them slowest-first.
+        shape = [int(n) for n in reversed(tensor.shape.tolist())]
+        weight = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy
+        projection = name.split(".")[-2]
+        if permuted and projection in head_counts:
+            weight = unpermute_rotary(weight, head_counts[projection])
+        tensors[name] = weight.contiguous()
+    return tensors
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """Write a HF folder (config, float32 safetensors, tokenizer, generation config)."""
+    reader = open_gguf(gguf_file)
+    config = _gguf_config(gguf_file)
+    tensors = read_gguf_tensors(reader, config)
+    config.tie_word_embeddings = "lm_head.weight" not in tensors
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    _save_gguf_tokenizer(gguf_file, out_dir)
+    eos_token_id = config.eos_token_id
+    if eos_token_id is None:
+        raise ModelLoadError(f"GGUF file {gguf_file} declares no EOS token")
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),
+    ).save_pretrained(out_dir)
+
+
+def _gguf_config(gguf_file: Path) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelLoadError(
+            f"cannot read the model config of GGUF file {gguf_file}: {exc}"
+        ) from exc
+    if config.model_type not in _GGUF_ARCHITECTURES:
+        supported = ", ".join(_GGUF_ARCHITECTURES)
+        raise ModelLoadError(
+            f"unsupported GGUF architecture '{config.model_type}' in {gguf_file}; "
+            f"supported: {supported}"
+        )
+    config.architectures = [_GGUF_ARCHITECTURES[config.model_type]]
+    return config
+
+
+def _save_gguf_tokenizer(gguf_file: Path, out_dir: Path) -> None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the tokenizer of GGUF file {gguf_file}: {exc}") from exc
+    tokenizer.save_pretrained(out_dir)
+    # The chat template must survive the round trip, or chat requests would silently
+    # fall back to no template.
+    reloaded = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    if reloaded.chat_template != tokenizer.chat_template:
+        raise ModelLoadError(f"the chat template of {gguf_file} was lost while converting it")
