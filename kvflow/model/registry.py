@@ -28,7 +28,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # Bump when convert_gguf changes its output, so stale caches are rebuilt.
 CONVERSION_VERSION = 1
-_MARKER = "kvflow-conversion.json"
+CONVERSION_MARKER = "kvflow-conversion.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,21 +154,29 @@ def _resolve_gguf_file(gguf_file: Path) -> Path:
 
 def _is_converted(target: Path, source: dict[str, object]) -> bool:
     try:
-        marker = json.loads((target / _MARKER).read_text())
+        marker = json.loads((target / CONVERSION_MARKER).read_text())
     except (OSError, ValueError):
         return False
     return bool(marker == {"version": CONVERSION_VERSION, "source": source})
 
 
 def _convert_into_cache(gguf_file: Path, target: Path, source: dict[str, object]) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the model cache {target.parent}: {exc}; "
+            "set KVFLOW_CACHE_DIR to a writable folder"
+        ) from exc
     try:
         convert_gguf(gguf_file, staging)
         marker = {"version": CONVERSION_VERSION, "source": source}
-        (staging / _MARKER).write_text(json.dumps(marker, indent=2))
+        (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
         if not _is_converted(target, source):  # else a concurrent start finished first
             _replace_dir(staging, target)
+    except OSError as exc:
+        raise ModelLoadError(f"converting {gguf_file} into {target} failed: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -185,5 +193,5 @@ def _replace_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
     except OSError:
         # Another process renamed its own complete conversion in first; keep that one.
-        if not (target / _MARKER).is_file():
+        if not (target / CONVERSION_MARKER).is_file():
             raise
