@@ -61,8 +61,8 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     # Requests with a single new token, batched together; None when there are none.
     decode_token_indices: torch.Tensor | None  # [num_decodes] index in the flat batch
-    decode_slots: torch.Tensor | None  # [num_decodes, max_seq_len] slots, padded
-    decode_mask: torch.Tensor | None  # [num_decodes, max_seq_len] bool, False on padding
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block ids, padded with 0
+    decode_mask: torch.Tensor | None  # [num_decodes, max_blocks * block_size] False on padding
 
 
 def _padded_block_table(block_tables: list[list[int]]) -> torch.Tensor:
@@ -117,23 +117,23 @@ def build_attention_metadata(
         if query_lens[i] > 1
     ]
     decodes = [i for i in range(num_requests) if query_lens[i] == 1]
-    decode_token_indices = decode_slots = decode_mask = None
+    decode_token_indices = decode_blocks = decode_mask = None
     if decodes:
         decode_ids = torch.tensor(decodes, dtype=torch.long)  # [D]
         decode_seq_lens = torch.tensor([seq_lens[i] for i in decodes])  # [D]
-        context = torch.arange(int(decode_seq_lens.max()))  # [L]
-        decode_mask = context[None, :] < decode_seq_lens[:, None]  # [D, L]
-        # Padding positions may point past a short block table: clamp, the mask hides them.
-        padded = torch.where(decode_mask, context[None, :], 0)  # [D, L]
-        decode_slots = _slots(table[decode_ids], padded, block_size).to(device)  # [D, L]
-        decode_mask = decode_mask.to(device)
+        max_blocks = -(-int(decode_seq_lens.max()) // block_size)
+        # Whole blocks are gathered (contiguous block_size * KvH * hd runs, far cheaper
+        # than slot by slot); positions past a request's length are masked out.
+        decode_blocks = table[decode_ids, :max_blocks].to(device)  # [D, NB]
+        context = torch.arange(max_blocks * block_size)  # [NB * bs]
+        decode_mask = (context[None, :] < decode_seq_lens[:, None]).to(device)  # [D, NB * bs]
         decode_token_indices = starts_t[decode_ids].to(device)  # [D]
     return AttentionMetadata(
         num_tokens=num_tokens,
         slot_mapping=slot_mapping.to(device),
         prefills=prefills,
         decode_token_indices=decode_token_indices,
-        decode_slots=decode_slots,
+        decode_blocks=decode_blocks,
         decode_mask=decode_mask,
     )
 
@@ -181,7 +181,7 @@ def paged_attention(
             query, key, value, key_cache, value_cache, span, scale
         )
     if metadata.decode_token_indices is not None:
-        decoded = _decode_attention(query, key_cache, value_cache, metadata, scale)  # [D, H, hd]
+        decoded = _decode_attention(query, kv_cache, metadata, scale)  # [D, H, hd]
         output.index_copy_(0, metadata.decode_token_indices, decoded)
     return output
 
@@ -211,28 +211,30 @@ def _prefill_attention(
 
 def _decode_attention(
     query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """All single-token queries in one batched call over their gathered, padded context."""
     assert metadata.decode_token_indices is not None
-    assert metadata.decode_slots is not None and metadata.decode_mask is not None
+    assert metadata.decode_blocks is not None and metadata.decode_mask is not None
     num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = key_cache.shape[1]
+    num_kv_heads = kv_cache.shape[3]
+    num_decodes, max_len = metadata.decode_mask.shape
     q = query.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
-    num_decodes, max_len = metadata.decode_slots.shape
-    # KV heads lead so that (KvH, D) collapse into one bmm batch dimension without copies,
-    # and query heads sharing a KV head are grouped so K/V are never expanded (GQA).
-    q = q.view(num_decodes, num_kv_heads, -1, head_dim).transpose(0, 1)  # [KvH, D, G, hd]
-    flat_slots = metadata.decode_slots.flatten()  # [D * L]
-    k = key_cache.transpose(0, 1).index_select(1, flat_slots)  # [KvH, D * L, hd]
-    v = value_cache.transpose(0, 1).index_select(1, flat_slots)  # [KvH, D * L, hd]
-    k = k.view(num_kv_heads, num_decodes, max_len, head_dim)  # [KvH, D, L, hd]
-    v = v.view(num_kv_heads, num_decodes, max_len, head_dim)  # [KvH, D, L, hd]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [KvH, D, G, L]
-    scores.masked_fill_(~metadata.decode_mask[None, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [KvH, D, G, L]
-    out = torch.matmul(probs, v)  # [KvH, D, G, hd]
-    return out.transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
+    # Query heads sharing a KV head are grouped so K/V are never expanded (GQA).
+    q = q.view(num_decodes, num_kv_heads, -1, head_dim)  # [D, KvH, G, hd]
+    flat_blocks = metadata.decode_blocks.flatten()  # [D * NB]
+    k = kv_cache[0].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
+    v = kv_cache[1].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
+    v = v.view(num_decodes, max_len, num_kv_heads, head_dim)  # [D, L, KvH, hd]
+    # Padding slots hold stale values of other requests; zero them so that even a NaN left
+    # there can never leak into this request's output (0 * NaN would).
+    v.masked_fill_(~metadata.decode_mask[:, :, None, None], 0.0)
+    k = k.view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)  # [D, KvH, L, hd]
+    v = v.transpose(1, 2)  # [D, KvH, L, hd]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [D, KvH, G, L]
+    scores.masked_fill_(~metadata.decode_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [D, KvH, G, L]
+    out = torch.matmul(probs, v)  # [D, KvH, G, hd]
+    return out.reshape(num_decodes, num_heads, head_dim)

@@ -135,7 +135,9 @@ def test_multibyte_characters_come_out_whole(default_llm: LLM) -> None:
     for out in outs:
         completion = out.outputs[0]
         expected = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-        assert completion.text == expected
+        # a character cut off by max_tokens is left out rather than shown as U+FFFD
+        assert completion.text == expected.rstrip("\ufffd")
+        assert "\ufffd" not in completion.text
     assert_core_clean(default_llm.llm_engine.core)
 
 
