@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
+import msgspec
+
 from kvflow.config import AsyncEngineArgs, EngineConfig
 from kvflow.engine.core_client import CoreClient, InprocClient, MPClient
 from kvflow.engine.output_processor import OutputProcessor
@@ -278,8 +280,8 @@ class AsyncLLM:
         return self.output_processor.has_unfinished_requests()
 
     async def get_scheduler_stats(self) -> SchedulerStats:
-        stats: SchedulerStats = await self.engine_core.call_utility("get_stats")
-        return stats
+        stats = await self.engine_core.call_utility("get_stats")
+        return msgspec.convert(stats, SchedulerStats)  # a dict when it crossed ZMQ
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await self.engine_core.call_utility("reset_prefix_cache"))

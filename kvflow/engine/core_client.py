@@ -275,13 +275,13 @@ class MPClient(CoreClient):
     def shutdown(self) -> None:
         if self._closing:
             return
+        self._closing = True  # from here on, the core exiting is expected, not a death
         if self.dead_error is None and self.proc.is_alive():
             try:
                 self._send(RequestType.SHUTDOWN, None)
             except Exception:
                 pass
             self.proc.join(timeout=5)
-        self._closing = True
         self.thread.join(timeout=2)
         self._finalizer()
 
