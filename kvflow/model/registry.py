@@ -195,3 +195,21 @@ def _replace_dir(staging: Path, target: Path) -> None:
         # Another process renamed its own complete conversion in first; keep that one.
         if not (target / CONVERSION_MARKER).is_file():
             raise
+
+
+def main() -> None:
+    """`python -m kvflow.model.registry [MODEL]`: verify and convert a model into the cache."""
+    import sys
+    import time
+
+    start = time.perf_counter()
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    try:
+        path = resolve_model(name)
+    except ModelLoadError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"model {name or DEFAULT_MODEL} ready at {path} ({time.perf_counter() - start:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
