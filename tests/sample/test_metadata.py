@@ -39,6 +39,7 @@ def test_plain_random_batch_pays_nothing() -> None:
     assert md.all_random and not md.all_greedy
     assert md.is_greedy is None and md.default_rng_rows is None and md.generators == {}
     assert md.top_k is None and md.top_p is None and md.min_p is None
+    assert md.no_top_k and md.no_top_p and md.no_min_p
     assert md.no_penalties and md.no_logit_controls
     assert md.prompt_token_ids is None and md.output_token_ids is None
     assert md.max_num_logprobs is None
