@@ -1,0 +1,246 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLM, run by uvicorn.
+
+    client ──HTTP──► route ──► OpenAIServing{Completion,Chat} ──► AsyncLLM ──ZMQ──► engine core
+                      ◄── JSON, or SSE `data: {...}` chunks ending with `data: [DONE]`
+
+A stop signal (SIGINT/SIGTERM) aborts in-flight requests, so their streams end at once with
+finish_reason "abort"; uvicorn then drains connections and the lifespan stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kvflow import __version__
+from kvflow.entrypoints.openai.errors import OpenAIError, error_response, install_error_handlers
+from kvflow.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat, render_chat
+from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from kvflow.entrypoints.openai.serving_engine import (
+    ServingContext,
+    cancel_on_disconnect,
+    sse_stream,
+)
+from kvflow.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+# Paths a load balancer or scraper may call without the API key (as in vLLM).
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+GRACEFUL_SHUTDOWN_S = 5  # after this, uvicorn cancels whatever is still running
+
+router = APIRouter()
+
+
+def _ctx(raw: Request) -> ServingContext:
+    ctx: ServingContext = raw.app.state.serving
+    return ctx
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _respond(raw: Request, work: Awaitable[BaseModel | AsyncIterator[BaseModel]]
+                   ) -> Response:
+    """JSON for a whole response, SSE for a stream; a client that leaves cancels the work."""
+    result: BaseModel | AsyncIterator[BaseModel] = await cancel_on_disconnect(
+        work, lambda: _wait_for_disconnect(raw))
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return StreamingResponse(sse_stream(result), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/v1/completions")
+async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+    return await _respond(raw, raw.app.state.completions.create(request))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+    return await _respond(raw, raw.app.state.chat.create(request))
+
+
+@router.get("/v1/models")
+async def list_models(raw: Request) -> ModelList:
+    ctx = _ctx(raw)
+    root = str(ctx.engine.config.model_config.path)
+    return ModelList(data=[ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
+                           for name in ctx.served_model_names])
+
+
+@router.get("/health")
+async def health(raw: Request) -> Response:
+    try:
+        await _ctx(raw).engine.check_health()
+    except EngineDeadError as exc:
+        return error_response(str(exc), 503)
+    return Response(status_code=200)
+
+
+@router.get("/ping")
+async def ping(raw: Request) -> Response:
+    return await health(raw)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/metrics")
+async def metrics(raw: Request) -> Response:
+    ctx = _ctx(raw)
+    if not ctx.engine.errored:
+        try:
+            stats = await asyncio.wait_for(ctx.engine.get_scheduler_stats(), timeout=5)
+            ctx.metrics.update_from_stats(stats)
+        except Exception as exc:  # a scrape still answers with what it has
+            logger.warning("cannot refresh engine metrics: %r", exc)
+    return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
+
+
+@router.post("/tokenize")
+async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest,
+                   raw: Request) -> TokenizeResponse:
+    ctx = _ctx(raw)
+    ctx.check_model(request.model)
+    if isinstance(request, TokenizeChatRequest):
+        text = render_chat(ctx.engine, request.messages, request.add_generation_prompt,
+                           request.continue_final_message, request.chat_template_kwargs)
+        param = "messages"
+    else:
+        text, param = request.prompt, "prompt"
+    ids = await ctx.tokenize(text, request.add_special_tokens, param) if text else []
+    strs = None
+    if request.return_token_strs:
+        strs = list(ctx.engine.get_tokenizer().convert_ids_to_tokens(ids))
+    return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
+                            token_strs=strs)
+
+
+@router.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, raw: Request) -> DetokenizeResponse:
+    ctx = _ctx(raw)
+    ctx.check_model(request.model)
+    vocab = ctx.engine.config.model_config.vocab_size
+    if any(not 0 <= t < vocab for t in request.tokens):
+        raise OpenAIError(f"tokens must be ids in 0..{vocab - 1}", 400, "tokens")
+    return DetokenizeResponse(prompt=ctx.engine.get_tokenizer().decode(request.tokens))
+
+
+class APIKeyMiddleware:
+    """401 for any request without `Authorization: Bearer <key>` (except OPEN_PATHS)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(
+                    "Unauthorized: send a valid API key as `Authorization: Bearer <key>`", 401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
+    """The ASGI app; its lifespan stops the engine when the server shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await ctx.abort_all()
+        ctx.engine.shutdown()
+
+    app = FastAPI(title="kvflow", version=__version__, lifespan=lifespan)
+    app.state.serving = ctx
+    app.state.completions = OpenAIServingCompletion(ctx)
+    app.state.chat = OpenAIServingChat(ctx)
+    app.include_router(router)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, plus hooks: once listening, and when a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None],
+                 on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+        self._on_exit = on_exit
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Claim the port before the model loads, so a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_http(app: FastAPI, sock: socket.socket, on_started: Callable[[], None],
+                     **uvicorn_kwargs: Any) -> None:
+    """Serve until a stop signal; in-flight requests are aborted when it arrives."""
+    ctx: ServingContext = app.state.serving
+    loop = asyncio.get_running_loop()
+    aborting: set[asyncio.Task[None]] = set()
+
+    def on_exit() -> None:  # runs in a signal handler: hand over to the loop
+        def start_abort() -> None:
+            task = loop.create_task(ctx.abort_all())
+            aborting.add(task)
+            task.add_done_callback(aborting.discard)
+        loop.call_soon_threadsafe(start_abort)
+
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            **uvicorn_kwargs)
+    server = GracefulServer(config, on_started, on_exit)
+    await server.serve(sockets=[sock])

@@ -1,0 +1,263 @@
+"""What completions and chat completions share: model names, validation, generation, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from kvflow.engine.async_llm import AsyncLLM
+from kvflow.entrypoints.openai.errors import OpenAIError, error_body, error_from_exception
+from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from kvflow.metrics import ServerMetrics
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Known parameters the engine cannot honour yet, with the values that are harmless.
+_REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
+    ("response_format", lambda v, r: v is None or v.type == "text",
+     "only response_format {'type': 'text'} is supported (no structured outputs yet)"),
+    ("best_of", lambda v, r: v is None or v == r.n, "best_of other than n is not supported"),
+    ("use_beam_search", lambda v, r: not v, "beam search is not supported"),
+    ("length_penalty", lambda v, r: v is None or v == 1.0, "length_penalty needs beam search"),
+    ("structured_outputs", lambda v, r: v is None, "structured outputs are not supported yet"),
+    ("guided_json", lambda v, r: v is None, "guided decoding is not supported yet"),
+    ("guided_regex", lambda v, r: v is None, "guided decoding is not supported yet"),
+    ("guided_choice", lambda v, r: v is None, "guided decoding is not supported yet"),
+    ("guided_grammar", lambda v, r: v is None, "guided decoding is not supported yet"),
+    ("guided_decoding_backend", lambda v, r: v is None, "guided decoding is not supported yet"),
+    ("suffix", lambda v, r: not v, "suffix (fill-in-the-middle) is not supported"),
+    ("tools", lambda v, r: not v, "tool calling is not supported yet"),
+    ("tool_choice", lambda v, r: v in (None, "none"), "tool calling is not supported yet"),
+    ("functions", lambda v, r: not v, "function calling is not supported yet"),
+    ("function_call", lambda v, r: v in (None, "none"), "function calling is not supported yet"),
+    ("chat_template", lambda v, r: v is None, "a request-supplied chat_template is not allowed"),
+    ("documents", lambda v, r: not v, "documents are not supported"),
+    ("modalities", lambda v, r: v is None or list(v) == ["text"], "only text output is supported"),
+    ("audio", lambda v, r: v is None, "audio output is not supported"),
+    ("prediction", lambda v, r: v is None, "predicted outputs are not supported"),
+    ("web_search_options", lambda v, r: v is None, "web search is not supported"),
+    ("echo", lambda v, r: not v or not hasattr(r, "messages"), "echo is not supported in chat"),
+]
+
+
+@dataclass
+class ServingContext:
+    """The engine and what every handler needs to know about the served model."""
+
+    engine: AsyncLLM
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    in_flight: set[str] = field(default_factory=set)  # request ids, aborted on shutdown
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.model_config.max_model_len)
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless the name is served (an absent name means the first served model)."""
+        if name is None or name in self.served_model_names:
+            return
+        if name == self.engine.config.model_config.model:
+            return
+        raise OpenAIError(f"The model `{name}` does not exist.", 404, "model")
+
+    async def tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        kwargs = {"add_special_tokens": add_special_tokens}
+        try:
+            if len(text) > 512:  # long texts tokenize off the event loop
+                _, ids = await asyncio.to_thread(self.engine.processor.tokenize, text, kwargs)
+            else:
+                _, ids = self.engine.processor.tokenize(text, kwargs)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param) from exc
+        return ids
+
+    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 priority: int) -> None:
+        """Run the engine's checks now, so a bad request is a 400 before any stream starts."""
+        try:
+            self.engine.processor.make_request(request_id, prompt_ids, params, None, priority)
+        except ValueError as exc:
+            raise error_from_exception(exc) from exc
+
+    async def generate(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
+                       params: SamplingParams, priority: int) -> AsyncIterator[RequestOutput]:
+        """engine.generate, tracked for metrics and for aborting everything at shutdown."""
+        tracker = self.metrics.track_request()
+        self.in_flight.add(request_id)
+        prompt = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
+        try:
+            # aclosing: closing this generator must close the engine's (that aborts it)
+            async with contextlib.aclosing(
+                self.engine.generate(prompt, params, request_id, priority=priority)
+            ) as outputs:
+                async for out in outputs:
+                    tracker.observe(out)
+                    yield out
+        finally:
+            self.in_flight.discard(request_id)
+            tracker.finish()
+
+    async def abort_all(self) -> None:
+        """End every in-flight request (their streams finish with finish_reason "abort")."""
+        if self.in_flight:
+            logger.info("aborting %d in-flight requests", len(self.in_flight))
+            await self.engine.abort(list(self.in_flight))
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def refuse_unsupported(request: SamplingRequest) -> None:
+    """Parameters the engine cannot honour are a 400 naming them, never silently ignored."""
+    for name, ok, why in _REFUSED:
+        if name in type(request).model_fields and not ok(getattr(request, name), request):
+            raise OpenAIError(f"{name}: {why}", 400, name)
+    if request.stream_options is not None and not request.stream:
+        raise OpenAIError("stream_options can only be set when stream is true", 400,
+                          "stream_options")
+    if request.ignored_fields():
+        logger.warning("ignored unknown request fields: %s", ", ".join(request.ignored_fields()))
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
+                       prompt_param: str) -> int:
+    """The default is what is left of the context; asking for more than that is a 400."""
+    if prompt_len >= max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {prompt_len} input tokens, which leaves no room for a completion. "
+            "Please reduce the length of the input.", 400, prompt_param)
+    room = max_model_len - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the input, "
+            f"{requested} in the completion). Please reduce the length of the input or the "
+            "completion.", 400, "max_tokens")
+    return requested
+
+
+def build_sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs: int | None,
+                          prompt_logprobs: int | None, stream: bool) -> SamplingParams:
+    bias: dict[int, float] | None = None
+    if request.logit_bias is not None:
+        try:
+            bias = {int(k): float(v) for k, v in request.logit_bias.items()}
+        except ValueError as exc:
+            raise OpenAIError("logit_bias keys must be token ids", 400, "logit_bias") from exc
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    try:
+        return SamplingParams.from_optional(
+            n=request.n, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty, temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k, min_p=request.min_p, seed=request.seed,
+            stop=request.stop, stop_token_ids=request.stop_token_ids,
+            bad_words=request.bad_words, ignore_eos=request.ignore_eos, max_tokens=max_tokens,
+            min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output, output_kind=kind,
+            logit_bias=bias, allowed_token_ids=request.allowed_token_ids,
+            cache_salt=request.cache_salt,
+        )
+    except (ValueError, TypeError) as exc:
+        raise error_from_exception(ValueError(str(exc))) from exc
+
+
+def usage_of(prompt_lens: Sequence[int], completion_tokens: int) -> UsageInfo:
+    prompt_tokens = sum(prompt_lens)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def clamp_logprob(value: float | None) -> float:
+    """JSON has no -inf: vLLM's convention is to clamp at -9999."""
+    return -9999.0 if value is None else max(value, -9999.0)
+
+
+def sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events ending with [DONE]; a failure mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except Exception as exc:
+        err = error_from_exception(exc)
+        yield sse(error_body(err.message, err.status, err.param))
+    yield "data: [DONE]\n\n"
+
+
+async def merge_async_iterators(
+    iterators: Sequence[AsyncIterator[T]],
+) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as (stream index, item); closing this closes all of them."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                index = pending.pop(fut)
+                try:
+                    item = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[index]))] = index
+                yield index, item
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for it in iterators:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def cancel_on_disconnect(coro: Any, is_disconnected: Callable[[], Any]) -> T:
+    """Run a handler, cancelling it (which aborts its requests) if the client goes away."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(is_disconnected())
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            # wait for the handler's clean-up (closing its generators aborts the requests)
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise OpenAIError("the client disconnected", 499)
+    result: T = work.result()
+    return result

@@ -1,0 +1,155 @@
+"""Prometheus metrics of a kvflow server, with vLLM's names under a `kvflow:` prefix.
+
+Engine-wide numbers (running/waiting requests, KV cache usage, token and preemption
+counters, prefix-cache queries/hits) are refreshed from the core's `SchedulerStats` when
+/metrics is scraped; per-request latencies are observed by the server from each request's
+outputs as they stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from kvflow.engine.protocol import SchedulerStats
+from kvflow.outputs import RequestOutput
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+# SchedulerStats counters (totals since the core started) → Prometheus counter names.
+_STAT_COUNTERS = {
+    "num_prompt_tokens": ("kvflow:prompt_tokens", "Prompt tokens computed (prefill)"),
+    "num_generation_tokens": ("kvflow:generation_tokens", "Tokens generated"),
+    "num_preemptions": ("kvflow:num_preemptions", "Requests preempted by the scheduler"),
+    "prefix_cache_queries": ("kvflow:prefix_cache_queries", "Prompt tokens looked up in the "
+                             "prefix cache"),
+    "prefix_cache_hits": ("kvflow:prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+}
+
+
+class ServerMetrics:
+    """All metrics of one server, in a registry of its own (two apps never share one)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name}
+        names = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, names, registry=self.registry).labels(**self.labels)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, names, buckets=buckets,
+                             registry=self.registry).labels(**self.labels)
+
+        self.running = gauge("kvflow:num_requests_running", "Requests in the running batch")
+        self.waiting = gauge("kvflow:num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_cache_usage = gauge("kvflow:kv_cache_usage_perc",
+                                    "Fraction of KV-cache blocks in use (1 = full)")
+        self.prefix_hit_rate = gauge("kvflow:prefix_cache_hit_rate",
+                                     "Prefix-cache hits / queries since start")
+        self.stat_counters = {
+            field: Counter(name, doc, names, registry=self.registry).labels(**self.labels)
+            for field, (name, doc) in _STAT_COUNTERS.items()
+        }
+        self._last_totals: dict[str, int] = dict.fromkeys(_STAT_COUNTERS, 0)
+        self.request_success = Counter("kvflow:request_success", "Finished requests",
+                                       names + ["finished_reason"], registry=self.registry)
+        self.ttft = histogram("kvflow:time_to_first_token_seconds",
+                              "Time to first token", TTFT_BUCKETS)
+        self.itl = histogram("kvflow:inter_token_latency_seconds",
+                             "Time between consecutive output tokens", ITL_BUCKETS)
+        self.tpot = histogram("kvflow:request_time_per_output_token_seconds",
+                              "Mean time per output token of each request", ITL_BUCKETS)
+        self.e2e = histogram("kvflow:e2e_request_latency_seconds",
+                             "Arrival to finish of each request", E2E_BUCKETS)
+        self.prompt_tokens = histogram("kvflow:request_prompt_tokens",
+                                       "Prompt length of each request", TOKEN_BUCKETS)
+        self.generation_tokens = histogram("kvflow:request_generation_tokens",
+                                           "Tokens generated for each request", TOKEN_BUCKETS)
+
+    def update_from_stats(self, stats: SchedulerStats | dict[str, Any]) -> None:
+        """Refresh the engine-wide numbers from the core's stats (at scrape time)."""
+        if not isinstance(stats, SchedulerStats):
+            stats = msgspec.convert(stats, SchedulerStats)
+        self.running.set(stats.num_running_reqs)
+        self.waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        queries = stats.prefix_cache_queries
+        self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
+        for field, counter in self.stat_counters.items():
+            total = int(getattr(stats, field))
+            # Counters only go up: add what the core counted since the last scrape.
+            counter.inc(max(0, total - self._last_totals[field]))
+            self._last_totals[field] = max(total, self._last_totals[field])
+
+    def track_request(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Observes one request's latencies from the outputs the server receives for it."""
+
+    __slots__ = ("metrics", "last_output_time", "num_tokens", "last", "finish_reasons")
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.last_output_time: float | None = None
+        self.num_tokens = 0
+        self.last: RequestOutput | None = None
+        self.finish_reasons: list[str] = []
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.time()
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if new_tokens and self.last_output_time is not None:
+            # Streamed outputs can bundle several tokens: spread the gap over them.
+            gap = (now - self.last_output_time) / new_tokens
+            for _ in range(new_tokens):
+                self.metrics.itl.observe(gap)
+        if new_tokens:
+            self.last_output_time = now
+        self.num_tokens += new_tokens
+        self.finish_reasons.extend(c.finish_reason for c in output.outputs if c.finish_reason)
+        self.last = output
+
+    def finish(self) -> None:
+        """Record the request's end-to-end figures (an abandoned stream counts as abort)."""
+        m, out = self.metrics, self.last
+        reasons = self.finish_reasons or ["abort"]
+        for reason in reasons:
+            m.request_success.labels(finished_reason=reason, **m.labels).inc()
+        if out is None or out.metrics is None:
+            return
+        times = out.metrics
+        if times.first_token_time is not None:
+            m.ttft.observe(max(0.0, times.first_token_time - times.arrival_time))
+        end = times.finished_time or time.time()
+        m.e2e.observe(max(0.0, end - times.arrival_time))
+        m.prompt_tokens.observe(len(out.prompt_token_ids))
+        m.generation_tokens.observe(self.num_tokens)
+        if times.first_token_time is not None and times.last_token_time is not None:
+            per_token = self.num_tokens - len(out.outputs)
+            if per_token > 0:
+                m.tpot.observe((times.last_token_time - times.first_token_time) / per_token)
