@@ -37,6 +37,8 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/async_overhead.py
+	$(PY) benchmarks/prefix_cache.py
 
 lint: setup
 	$(VENV)/bin/ruff check kvflow tests benchmarks

@@ -8,32 +8,11 @@ gives output tokens/s of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-
-TEXT_SEED = (
-    "In the beginning the river ran through the valley and the people built their houses "
-    "along its banks, farming the fertile land and trading with the towns downstream. "
-)
-
-
-def make_workload(tokenizer, num: int, seed: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    corpus = tokenizer(TEXT_SEED * 200)["input_ids"]
-    work = []
-    for _ in range(num):
-        plen, olen = rng.randint(16, 512), rng.randint(16, 256)
-        start = rng.randint(0, len(corpus) - plen - 1)
-        work.append((corpus[start:start + plen], olen))
-    return work
-
+from common import make_workload, write_result
 
 def run_kvflow(model: str | None, work, max_num_seqs: int) -> float:
     from kvflow import LLM, SamplingParams
@@ -94,13 +73,8 @@ def main() -> None:
         "benchmark": "offline_throughput", "model": path.name, "requests": len(work),
         "kvflow_tok_s": round(ours, 1), "hf_static_tok_s": hf and round(hf, 1),
         "ratio_vs_hf_static": hf and round(ours / hf, 2),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(args.json, result)
     hf_part = f"hf static {hf:.1f} tok/s, ratio {ours / hf:.2f}x" if hf else "hf skipped"
     print(f"offline_throughput: kvflow {ours:.1f} output tok/s, {hf_part} "
           f"({len(work)} requests, {path.name})")
