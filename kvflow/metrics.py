@@ -73,6 +73,8 @@ class ServerMetrics:
         self._last_totals: dict[str, int] = dict.fromkeys(_STAT_COUNTERS, 0)
         self.request_success = Counter("kvflow:request_success", "Finished requests",
                                        names + ["finished_reason"], registry=self.registry)
+        for reason in ("stop", "length", "abort"):  # exported at 0 before the first one
+            self.request_success.labels(finished_reason=reason, **self.labels)
         self.ttft = histogram("kvflow:time_to_first_token_seconds",
                               "Time to first token", TTFT_BUCKETS)
         self.itl = histogram("kvflow:inter_token_latency_seconds",

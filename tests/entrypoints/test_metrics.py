@@ -1,0 +1,53 @@
+"""kvflow.metrics: names, counters fed from scheduler totals, per-request latencies."""
+
+from __future__ import annotations
+
+from kvflow.engine.protocol import SchedulerStats
+from kvflow.metrics import ServerMetrics
+from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing")
+
+
+def output(tokens: list[int], finish: str | None, times: RequestMetrics) -> RequestOutput:
+    completion = CompletionOutput(0, "x", tokens, None, None, finish_reason=finish)
+    return RequestOutput("r", "p", [1, 2, 3], None, [completion], finish is not None, times)
+
+
+def test_gauges_and_counters_follow_the_core_totals() -> None:
+    metrics = ServerMetrics("m")
+    metrics.update_from_stats(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1,
+                                             kv_cache_usage=0.5, num_prompt_tokens=100,
+                                             prefix_cache_queries=100, prefix_cache_hits=25))
+    metrics.update_from_stats({"num_running_reqs": 0, "num_prompt_tokens": 150,
+                               "prefix_cache_queries": 100, "prefix_cache_hits": 25})
+    text = metrics.render().decode()
+    assert sample(text, "kvflow:num_requests_running") == 0
+    assert sample(text, "kvflow:prompt_tokens_total") == 150  # a counter, not a gauge
+    assert sample(text, "kvflow:prefix_cache_hit_rate") == 0.25
+    assert sample(text, "kvflow:num_requests_waiting") == 0
+    assert ServerMetrics("other").registry is not metrics.registry
+
+
+def test_request_latencies() -> None:
+    metrics = ServerMetrics("m")
+    times = RequestMetrics(arrival_time=10.0, first_token_time=10.5, last_token_time=11.5,
+                           finished_time=11.5)
+    tracker = metrics.track_request()
+    tracker.observe(output([5], None, times))
+    tracker.observe(output([6, 7], "length", times))
+    tracker.finish()
+    abandoned = metrics.track_request()
+    abandoned.finish()
+    text = metrics.render().decode()
+    assert sample(text, "kvflow:time_to_first_token_seconds_sum") == 0.5
+    assert sample(text, "kvflow:e2e_request_latency_seconds_sum") == 1.5
+    assert sample(text, "kvflow:request_time_per_output_token_seconds_sum") == 0.5
+    assert sample(text, "kvflow:inter_token_latency_seconds_count") == 2
+    assert 'kvflow:request_success_total{finished_reason="length",model_name="m"} 1.0' in text
+    assert 'kvflow:request_success_total{finished_reason="abort",model_name="m"} 1.0' in text
