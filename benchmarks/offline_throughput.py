@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from common import make_workload, write_result
 
+
 def run_kvflow(model: str | None, work, max_num_seqs: int) -> float:
     from kvflow import LLM, SamplingParams
 

@@ -39,7 +39,7 @@ def run(caching: bool, conversations: int, turns: int, reply_tokens: int) -> tup
         prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]}
                    for t in texts]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        for h, out in zip(histories, outs):
+        for h, out in zip(histories, outs, strict=True):
             h.append({"role": "assistant", "content": out.outputs[0].text})
             generated += len(out.outputs[0].token_ids)
             m = out.metrics

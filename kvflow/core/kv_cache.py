@@ -79,7 +79,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= num_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], self._extra_keys(request, i)))
+            hashes.append(
+                hash_block(parent, tokens[i * bs : (i + 1) * bs], self._extra_keys(request, i))
+            )
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached prefix of the request: (block ids, number of tokens).
@@ -102,8 +104,9 @@ class KVCacheManager:
         return hit, len(hit) * self.block_size
 
     # ---- allocation ------------------------------------------------------------------
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: Sequence[int] = ()) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> bool:
         """Make the request's blocks cover its computed + new tokens; False leaves no change.
 
         `computed_blocks` are prefix-cache hits for a request being admitted; they are

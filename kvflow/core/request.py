@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvflow.engine.protocol import EngineCoreRequest, FinishReason
 from kvflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.structured.matcher import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -46,7 +50,7 @@ class Request:
         "request_id", "prompt_token_ids", "sampling_params", "eos_token_ids", "arrival_time",
         "priority", "lora_name", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
-        "max_model_len", "num_preemptions", "seq",
+        "max_model_len", "num_preemptions", "seq", "grammar",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -73,6 +77,8 @@ class Request:
         if self.sampling_params.seed is not None and self.sampling_params.temperature > 0:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.sampling_params.seed)
+        # Structured output: set by the core; advanced past each sampled token.
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +113,10 @@ class Request:
             if last in (params.stop_token_ids or ()):
                 self.stop_reason = last
                 return RequestStatus.FINISHED_STOPPED
+        if self.grammar is not None and self.grammar.terminated:
+            # The grammar is complete: only EOS could follow, so stop here (min_tokens and
+            # ignore_eos cannot extend a finished structure).
+            return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

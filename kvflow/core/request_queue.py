@@ -76,7 +76,8 @@ class PriorityQueue:
 
 
 def make_request_queue(policy: str) -> RequestQueue:
-    factories = {"fcfs": FCFSQueue, "priority": PriorityQueue}
-    if policy not in factories:
-        raise ValueError(f"scheduling policy must be one of {sorted(factories)}, got {policy!r}")
-    return factories[policy]()
+    if policy == "fcfs":
+        return FCFSQueue()
+    if policy == "priority":
+        return PriorityQueue()
+    raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")

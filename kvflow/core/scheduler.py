@@ -16,7 +16,7 @@ from kvflow.config import SchedulerConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
-from kvflow.engine.protocol import EngineCoreOutput, SchedulerStats
+from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, SchedulerStats
 
 
 @dataclass(slots=True)
@@ -49,8 +49,8 @@ class StepResult:
     """Per scheduled request, the sampled token (None for a partial prefill chunk)."""
 
     sampled: list[int | None]
-    logprobs: list[object | None] | None = None
-    prompt_logprobs: list[object | None] | None = None
+    logprobs: list[LogprobsLists | None] | None = None
+    prompt_logprobs: list[LogprobsLists | None] | None = None
 
 
 class Scheduler:
@@ -166,7 +166,9 @@ class Scheduler:
             budget -= num_new
 
     # ---- after the forward pass --------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
+    def update_from_output(
+        self, out: SchedulerOutput, result: StepResult
+    ) -> list[EngineCoreOutput]:
         """Advance computed counts, append sampled tokens, finish stopped requests."""
         outputs: list[EngineCoreOutput] = []
         self.num_steps += 1
@@ -174,22 +176,25 @@ class Scheduler:
             request = item.request
             computed = request.num_computed_tokens
             self.num_prompt_tokens += max(
-                0, min(request.num_prompt_tokens, computed + item.num_new_tokens) - computed)
+                0, min(request.num_prompt_tokens, computed + item.num_new_tokens) - computed
+            )
             request.num_computed_tokens += item.num_new_tokens
             token = result.sampled[i]
             prompt_lp = result.prompt_logprobs[i] if result.prompt_logprobs else None
             if token is None:
                 if prompt_lp is not None:
-                    outputs.append(EngineCoreOutput(request.request_id, [],
-                                                    new_prompt_logprobs=prompt_lp))  # type: ignore[arg-type]
+                    outputs.append(
+                        EngineCoreOutput(request.request_id, [], new_prompt_logprobs=prompt_lp)
+                    )
                 continue
             request.append_token(token)
             self.num_generation_tokens += 1
             status = request.check_stop()
             output = EngineCoreOutput(
-                request.request_id, [token],
-                new_logprobs=result.logprobs[i] if result.logprobs else None,  # type: ignore[arg-type]
-                new_prompt_logprobs=prompt_lp,  # type: ignore[arg-type]
+                request.request_id,
+                [token],
+                new_logprobs=result.logprobs[i] if result.logprobs else None,
+                new_prompt_logprobs=prompt_lp,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
             if status is not None:
@@ -207,10 +212,14 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
-            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
             kv_cache_usage=self.kv.usage,
-            num_kv_blocks=self.kv.num_blocks, num_preemptions=self.num_preemptions,
-            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+            num_kv_blocks=self.kv.num_blocks,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
             num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
+            num_generation_tokens=self.num_generation_tokens,
+            num_steps=self.num_steps,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -295,10 +296,8 @@ class AsyncLLM:
             return
         self._shutdown = True
         if self._output_task is not None and not self._output_task.done():
-            try:
+            with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 self._output_task.cancel()
-            except RuntimeError:
-                pass  # its loop is already closed
         self.engine_core.shutdown()
 
 

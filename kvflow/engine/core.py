@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+
+if TYPE_CHECKING:
+    from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, self.kv, mc.max_model_len)
         self.paused = False
         self._seq = 0
+        self.structured: StructuredOutputManager | None = None  # made at the first grammar
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); up to %.2f sequences of %d tokens",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
@@ -56,10 +61,26 @@ class EngineCore:
         self._seq += 1
         request = Request(req, self.config.model_config.max_model_len, self._seq,
                           self.runner.device)
+        structured = req.sampling_params.structured_outputs
+        if structured is not None:
+            request.grammar = self._structured_manager().add_request(req.request_id, structured)
         self.scheduler.add_request(request)
 
+    def _structured_manager(self) -> StructuredOutputManager:
+        if self.structured is None:
+            from kvflow.structured.manager import StructuredOutputManager  # imports llguidance
+
+            mc = self.config.model_config
+            self.structured = StructuredOutputManager(
+                mc.tokenizer_path, mc.vocab_size, self.config.scheduler_config.max_num_seqs,
+                self.runner.device)
+        return self.structured
+
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        ended = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        if self.structured is not None:
+            self.structured.finish_requests(r.request_id for r in ended)
+        return ended
 
     def has_work(self) -> bool:
         return not self.paused and self.scheduler.has_schedulable_requests()
@@ -70,8 +91,11 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.scheduled:
             return EngineCoreOutputs([], time.time())
-        result = self.runner.execute(scheduler_output)
+        structured = self.structured if self.structured and self.structured.live else None
+        result = self.runner.execute(scheduler_output, structured)
         outputs = self.scheduler.update_from_output(scheduler_output, result)
+        if structured is not None:
+            structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
         return EngineCoreOutputs(outputs, time.time())
 
     # ---- utility calls (also reachable over ZMQ by name) ------------------------------

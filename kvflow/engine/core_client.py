@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -277,10 +278,8 @@ class MPClient(CoreClient):
             return
         self._closing = True  # from here on, the core exiting is expected, not a death
         if self.dead_error is None and self.proc.is_alive():
-            try:
+            with contextlib.suppress(Exception):
                 self._send(RequestType.SHUTDOWN, None)
-            except Exception:
-                pass
             self.proc.join(timeout=5)
         self.thread.join(timeout=2)
         self._finalizer()
@@ -296,7 +295,5 @@ def _cleanup(proc: Any, ctx: Any, paths: list[str]) -> None:
         proc.join(timeout=5)
     ctx.destroy(linger=0)
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass

@@ -1,6 +1,6 @@
 """The engine core's busy loop, and the entry point of the engine-core process.
 
-    client ──ZMQ PUSH──► input thread ──queue──► busy loop: handle inputs, step() ──ZMQ PUSH──► client
+    client ─ZMQ─► input thread ─queue─► busy loop: handle inputs, step() ─ZMQ─► client
 
 The input thread decodes requests while the model runs, so aborts and new requests are
 never stuck behind a long step; the busy loop picks them up between steps.
@@ -70,8 +70,9 @@ class BusyLoop:
             try:
                 self.core.add_request(payload)
             except Exception as exc:  # a bad request ends itself, never the loop
-                out = EngineCoreOutput(payload.request_id, [], finish_reason=FinishReason.ERROR,
-                                       error=str(exc))
+                out = EngineCoreOutput(
+                    payload.request_id, [], finish_reason=FinishReason.ERROR, error=str(exc)
+                )
                 self.send(EngineCoreOutputs([out], time.time()))
         elif kind == RequestType.ABORT:
             self.core.abort_requests(payload)
@@ -115,13 +116,15 @@ def _input_thread(sock: Any, loop: BusyLoop, parent_pid: int) -> None:
             return
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
-                    ready: Connection, parent_pid: int) -> None:
+def run_engine_core(
+    config: EngineConfig, input_addr: str, output_addr: str, ready: Connection, parent_pid: int
+) -> None:
     """Entry point of the engine-core process: load, handshake, loop until told to stop."""
     import zmq
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s"
+    )
     try:
         from kvflow.engine.core import EngineCore
 
@@ -136,16 +139,27 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     out_sock.setsockopt(zmq.LINGER, 1000)
     out_sock.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
-    loop = BusyLoop(core, lambda outputs: out_sock.send(encoder.encode(outputs), copy=False))
-    threading.Thread(target=_input_thread, args=(in_sock, loop, parent_pid), daemon=True,
-                     name="kvflow-core-input").start()
-    ready.send(ReadyMessage(ok=True, num_kv_blocks=core.num_blocks,
-                            max_concurrency=core.max_concurrency))
+
+    def send(outputs: EngineCoreOutputs) -> None:
+        out_sock.send(encoder.encode(outputs), copy=False)
+
+    loop = BusyLoop(core, send)
+    threading.Thread(
+        target=_input_thread,
+        args=(in_sock, loop, parent_pid),
+        daemon=True,
+        name="kvflow-core-input",
+    ).start()
+    ready.send(
+        ReadyMessage(ok=True, num_kv_blocks=core.num_blocks, max_concurrency=core.max_concurrency)
+    )
     try:
         loop.run()
     except BaseException as exc:
         logger.error("engine core failed:\n%s", traceback.format_exc())
-        out_sock.send(encoder.encode(EngineCoreOutputs(engine_error=f"{type(exc).__name__}: {exc}")))
+        out_sock.send(
+            encoder.encode(EngineCoreOutputs(engine_error=f"{type(exc).__name__}: {exc}"))
+        )
         raise
     finally:
         # The input thread still owns in_sock; process exit reclaims it and the context.

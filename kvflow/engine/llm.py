@@ -30,9 +30,14 @@ class LLM:
         """Empty the prefix cache; False while blocks are still in use."""
         return self.llm_engine.core.reset_prefix_cache()
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt together; outputs come back in input order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -42,37 +47,42 @@ class LLM:
             raise ValueError("priority must have one entry per prompt")
         ids = []
         try:
-            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 request_id = str(next(self._counter))
-                self.llm_engine.add_request(request_id, prompt, params,
-                                            priority=priority[i] if priority else 0)
+                self.llm_engine.add_request(
+                    request_id, prompt, params, priority=priority[i] if priority else 0
+                )
                 ids.append(request_id)
         except Exception:
             self.llm_engine.abort_request(ids)  # nothing half-queued stays behind
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: ChatMessages | Sequence[ChatMessages],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: ChatMessages | Sequence[ChatMessages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, generate."""
-        conversations: Sequence[ChatMessages]
-        if messages and isinstance(messages[0], dict):
-            conversations = [messages]  # type: ignore[list-item]
-        else:
-            conversations = messages  # type: ignore[assignment]
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations: Sequence[ChatMessages] = [messages] if one else messages  # type: ignore
         processor = self.llm_engine.processor
         prompts: list[PromptType] = []
         for conv in conversations:
-            text = processor.apply_chat_template(conv, add_generation_prompt,
-                                                 **(chat_template_kwargs or {}))
+            text = processor.apply_chat_template(
+                conv, add_generation_prompt, **(chat_template_kwargs or {})
+            )
             _, ids = processor.tokenize(text, {"add_special_tokens": False})
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _params_list(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-                     n: int) -> list[SamplingParams]:
+    def _params_list(
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):

@@ -199,21 +199,21 @@ class OutputProcessor:
 
     def _to_dict(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
         entry = {ids[0]: Logprob(lps[0], rank, self.token_text(ids[0]))}
-        for r, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+        for r, (tid, lp) in enumerate(zip(ids[1:], lps[1:], strict=True), start=1):
             if tid not in entry:
                 entry[tid] = Logprob(lp, r, self.token_text(tid))
         return entry
 
     def _add_logprobs(self, state: RequestState, lists: LogprobsLists) -> None:
         assert state.logprobs is not None and state.cumulative_logprob is not None
-        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks):
+        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks, strict=True):
             state.logprobs.append(self._to_dict(ids, lps, rank))
             state.cumulative_logprob += lps[0]
 
     def _add_prompt_logprobs(self, state: RequestState, lists: LogprobsLists) -> None:
         if state.prompt_logprobs is None:
             state.prompt_logprobs = [None]  # the first prompt token has no context
-        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks):
+        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks, strict=True):
             state.prompt_logprobs.append(self._to_dict(ids, lps, rank))
 
     def _fail(self, state: RequestState, exc: Exception, result: ProcessedOutputs) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvflow.config import ModelConfig
 from kvflow.engine.protocol import EngineCoreRequest
 from kvflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.structured.grammar import GrammarCompiler
 
 PromptType = str | Mapping[str, Any]
 
@@ -22,23 +25,28 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
 class Processor:
     """Tokenizes and validates; every error here is a ValueError raised before queueing."""
 
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int,
-                 block_size: int) -> None:
+    def __init__(
+        self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int, block_size: int
+    ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
         self.eos_token_ids = list(model_config.eos_token_ids)
+        self._grammar_compiler: GrammarCompiler | None = None  # at the first structured request
 
-    def tokenize(self, prompt: PromptType,
-                 tokenization_kwargs: dict[str, Any] | None = None) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids) of a string, {"prompt": ...} or {"prompt_token_ids": ...}."""
+    def tokenize(
+        self, prompt: PromptType, tokenization_kwargs: dict[str, Any] | None = None
+    ) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a str, {"prompt": str} or {"prompt_token_ids": [...]}."""
         if isinstance(prompt, str):
             text: str | None = prompt
         elif isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            if (
+                not isinstance(ids, Sequence)
+                or isinstance(ids, str)
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
             ):
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
@@ -56,23 +64,31 @@ class Processor:
         ids = self.tokenizer(text, **kwargs)["input_ids"]
         return text, list(ids)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        return str(self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs))
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        )
 
-    def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     arrival_time: float | None = None, priority: int = 0,
-                     lora_name: str | None = None) -> EngineCoreRequest:
+    def make_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        lora_name: str | None = None,
+    ) -> EngineCoreRequest:
         """Validate a tokenized request and build what is sent to the core."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        if params.structured_outputs is not None:
-            raise ValueError("structured_outputs is not supported by this engine yet")
         self._check_prompt(prompt_ids)
         mc = self.model_config
         for name in ("logprobs", "prompt_logprobs"):
@@ -85,12 +101,25 @@ class Processor:
         if params.bad_words:
             params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         self._check_token_ids(params)
+        if params.structured_outputs is not None:
+            self._grammars().validate(params.structured_outputs)
         return EngineCoreRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=params,
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
             eos_token_ids=self.eos_token_ids,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
-            priority=priority, lora_name=lora_name,
+            priority=priority,
+            lora_name=lora_name,
         )
+
+    def _grammars(self) -> GrammarCompiler:
+        """Compiles (and caches) each distinct grammar, so a bad one fails before queueing."""
+        if self._grammar_compiler is None:
+            from kvflow.structured.grammar import GrammarCompiler  # imports llguidance
+
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammar_compiler
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         mc = self.model_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from kvflow.model.attention import (
 from kvflow.model.loader import load_model
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+
+if TYPE_CHECKING:
+    from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +68,21 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput,
+                structured: StructuredOutputManager | None = None) -> StepResult:
+        """Forward and sample; `structured` is given only while a structured request lives."""
         scheduled = out.scheduled
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
         token_chunks = [
             s.request.all_token_ids[s.request.num_computed_tokens:seq_len]
-            for s, seq_len in zip(scheduled, seq_lens)
+            for s, seq_len in zip(scheduled, seq_lens, strict=True)
         ]
         input_ids = torch.from_numpy(np.fromiter(
             (t for chunk in token_chunks for t in chunk), dtype=np.int64, count=sum(query_lens)))
         positions = torch.from_numpy(np.concatenate([
             np.arange(seq_len - q, seq_len, dtype=np.int64)
-            for q, seq_len in zip(query_lens, seq_lens)
+            for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
         metadata = build_attention_metadata(
             query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device)
@@ -85,11 +91,15 @@ class ModelRunner:
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
-        logprobs: list[object | None] | None = None
+        logprobs: list[LogprobsLists | None] | None = None
         if rows:
             last = torch.as_tensor(ends[rows], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [len(rows), vocab]
             requests = [scheduled[i].request for i in rows]
+            grammar_rows: list[int] = []
+            if structured is not None:
+                # before the sampler, as in vLLM: logprobs are then those of the masked logits
+                grammar_rows = structured.mask_logits(logits, requests)
             metadata_s = SamplingMetadata.build(
                 [r.sampling_params for r in requests],
                 [r.prompt_token_ids for r in requests],
@@ -98,21 +108,26 @@ class ModelRunner:
                 self.vocab_size, self.device,
             )
             result = self.sampler(logits, metadata_s)
-            for row, token in zip(rows, result.sampled_token_ids.tolist()):
+            tokens = result.sampled_token_ids.tolist()
+            for row, token in zip(rows, tokens, strict=True):
                 sampled[row] = token
+            if grammar_rows:
+                assert structured is not None
+                structured.accept_tokens(requests, grammar_rows, tokens)
             if result.logprobs is not None:
                 logprobs = [None] * len(scheduled)
                 per_row = _split_logprobs(result.logprobs)
                 for j, row in enumerate(rows):
-                    if requests[j].sampling_params.logprobs is not None:
-                        logprobs[row] = _trim(per_row[j], requests[j].sampling_params.logprobs)
+                    k = requests[j].sampling_params.logprobs
+                    if k is not None:
+                        logprobs[row] = _trim(per_row[j], k)
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
         return StepResult(sampled, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor,
-                         ends: np.ndarray) -> list[object | None] | None:
+                         ends: np.ndarray) -> list[LogprobsLists | None] | None:
         """Logprobs of each prompt token given the tokens before it, for requests asking."""
-        result: list[object | None] | None = None
+        result: list[LogprobsLists | None] | None = None
         for i, s in enumerate(scheduled):
             k = s.request.sampling_params.prompt_logprobs
             start = s.request.num_computed_tokens

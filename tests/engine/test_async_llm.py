@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvflow import EngineDeadError, LLM, RequestOutputKind, SamplingParams
+from kvflow import LLM, EngineDeadError, RequestOutputKind, SamplingParams
 from kvflow.config import AsyncEngineArgs
 from kvflow.engine.async_llm import AsyncLLM
 

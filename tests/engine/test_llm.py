@@ -25,7 +25,7 @@ NEW_TOKENS = 48
 def prompt_ids(tokenizer: object) -> list[list[int]]:
     ids = tokenizer(TEXT)["input_ids"]  # type: ignore[operator]
     assert len(ids) >= max(PROMPT_LENS) + 40
-    return [ids[i * 7: i * 7 + n] for i, n in enumerate(PROMPT_LENS)]
+    return [ids[i * 7 : i * 7 + n] for i, n in enumerate(PROMPT_LENS)]
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
@@ -36,9 +36,13 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new: int) -> list[list[i
     results = []
     with torch.inference_mode():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-            results.append(out[0, len(ids):].tolist())
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )
+            results.append(out[0, len(ids) :].tolist())
     return results
 
 
@@ -76,8 +80,7 @@ def test_tiny_models_match_transformers(fixture: str, request: pytest.FixtureReq
     assert kv_generate(llm, prompts, greedy()) == hf_greedy(path, prompts, NEW_TOKENS)
 
 
-def test_chunked_prefill_gives_the_same_tokens(default_model_path: Path,
-                                               default_reference) -> None:
+def test_chunked_prefill_gives_the_same_tokens(default_model_path: Path, default_reference) -> None:
     prompts, expected = default_reference
     llm = LLM(str(default_model_path), max_num_batched_tokens=32, kv_cache_memory_gb=0.25)
     assert kv_generate(llm, prompts, greedy()) == expected
@@ -95,8 +98,11 @@ def test_seeded_sampling_is_independent_of_the_batch(default_llm: LLM) -> None:
     params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234)
     alone = default_llm.generate("Once upon a time", params, use_tqdm=False)
     others = SamplingParams(max_tokens=30, temperature=0.8)
-    batch = default_llm.generate(["The weather today", "Once upon a time", "def fib(n):"],
-                                 [others, params, others], use_tqdm=False)
+    batch = default_llm.generate(
+        ["The weather today", "Once upon a time", "def fib(n):"],
+        [others, params, others],
+        use_tqdm=False,
+    )
     assert batch[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
     assert_core_clean(default_llm.llm_engine.core)
 
@@ -110,27 +116,35 @@ def test_stop_string_split_across_tokens(default_llm: LLM) -> None:
     stop = None
     for i in range(3, len(pieces) - 1):  # 4 chars straddling the end of token i
         end = sum(len(p) for p in pieces[: i + 1])
-        candidate = text[end - 2: end + 2]
+        candidate = text[end - 2 : end + 2]
         if len(pieces[i]) >= 2 and len(candidate) == 4 and text.index(candidate) == end - 2:
             stop = candidate
             break
     assert stop is not None
-    out = default_llm.generate("The history of the city",
-                               SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]),
-                               use_tqdm=False)[0].outputs[0]
+    out = default_llm.generate(
+        "The history of the city",
+        SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.index(stop)]
     kept = default_llm.generate(
         "The history of the city",
-        SamplingParams(max_tokens=30, temperature=0.0, stop=[stop], include_stop_str_in_output=True),
-        use_tqdm=False)[0].outputs[0]
+        SamplingParams(
+            max_tokens=30, temperature=0.0, stop=[stop], include_stop_str_in_output=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert kept.text == text[: text.index(stop) + len(stop)]
     assert_core_clean(default_llm.llm_engine.core)
 
 
 def test_multibyte_characters_come_out_whole(default_llm: LLM) -> None:
-    outs = default_llm.generate(["Écris une phrase en français: «", "日本語の文章: ", "Emoji: 😀"],
-                                greedy(24), use_tqdm=False)
+    outs = default_llm.generate(
+        ["Écris une phrase en français: «", "日本語の文章: ", "Emoji: 😀"],
+        greedy(24),
+        use_tqdm=False,
+    )
     tokenizer = default_llm.get_tokenizer()
     for out in outs:
         completion = out.outputs[0]
@@ -145,30 +159,37 @@ def test_stop_token_ids_and_length(default_llm: LLM) -> None:
     base = default_llm.generate("Once upon a time", greedy(10), use_tqdm=False)[0].outputs[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 10
     target = base.token_ids[3]
-    out = default_llm.generate("Once upon a time",
-                               SamplingParams(max_tokens=10, temperature=0.0,
-                                              stop_token_ids=[target]), use_tqdm=False)
+    out = default_llm.generate(
+        "Once upon a time",
+        SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[target]),
+        use_tqdm=False,
+    )
     completion = out[0].outputs[0]
     assert completion.finish_reason == "stop" and completion.stop_reason == target
     assert completion.token_ids == base.token_ids[: base.token_ids.index(target) + 1]
 
 
 def test_chat_uses_the_template(default_llm: LLM) -> None:
-    outs = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                            greedy(20), use_tqdm=False)
+    outs = default_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], greedy(20), use_tqdm=False
+    )
     assert "<|im_start|>assistant" in outs[0].prompt
     assert "Paris" in outs[0].outputs[0].text
     assert_core_clean(default_llm.llm_engine.core)
 
 
-@pytest.mark.parametrize("prompt, params, match", [
-    ("", greedy(), "empty"),
-    ({"prompt_token_ids": []}, greedy(), "empty"),
-    ({"prompt_token_ids": [1, 10**7]}, greedy(), "vocabulary"),
-    ({"prompt_token_ids": [1] * 9000}, greedy(), "max_model_len"),
-])
-def test_bad_input_is_refused_and_engine_keeps_serving(default_llm: LLM, prompt, params,
-                                                       match: str) -> None:
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        ("", greedy(), "empty"),
+        ({"prompt_token_ids": []}, greedy(), "empty"),
+        ({"prompt_token_ids": [1, 10**7]}, greedy(), "vocabulary"),
+        ({"prompt_token_ids": [1] * 9000}, greedy(), "max_model_len"),
+    ],
+)
+def test_bad_input_is_refused_and_engine_keeps_serving(
+    default_llm: LLM, prompt, params, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         default_llm.generate(prompt, params, use_tqdm=False)
     assert_core_clean(default_llm.llm_engine.core)
@@ -176,15 +197,18 @@ def test_bad_input_is_refused_and_engine_keeps_serving(default_llm: LLM, prompt,
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_k": -5}, "top_k"),
-    ({"min_p": 1.5}, "min_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 0}, "n"),
-    ({"presence_penalty": 3.0}, "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+    ],
+)
 def test_invalid_sampling_values_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
