@@ -225,3 +225,19 @@ def test_n_greater_than_one(default_llm: LLM) -> None:
     assert sorted(c.index for c in out.outputs) == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert_core_clean(default_llm.llm_engine.core)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_dtypes_run(tiny_llama_path: Path, dtype: str) -> None:
+    llm = LLM(str(tiny_llama_path), dtype=dtype, kv_cache_memory_gb=0.05)
+    assert llm.llm_engine.core.runner.kv_caches[0].dtype == getattr(torch, dtype)
+    out = llm.generate("Hello there", greedy(5), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5
+    assert_core_clean(llm.llm_engine.core)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_transformers(tiny_llama_path: Path) -> None:
+    llm = LLM(str(tiny_llama_path), device="cuda", dtype="float32", gpu_memory_utilization=0.3)
+    prompts = prompt_ids(llm.get_tokenizer())
+    assert kv_generate(llm, prompts, greedy()) == hf_greedy(tiny_llama_path, prompts, NEW_TOKENS)
