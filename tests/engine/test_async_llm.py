@@ -280,3 +280,34 @@ async def test_async_context_manager(tiny_llama_path: Path) -> None:
         assert sum(len(o.outputs[0].token_ids) for o in outs) == 4
         await assert_engine_clean(engine)
     assert engine.is_stopped
+
+
+def test_core_exits_when_the_client_is_killed(tiny_llama_path: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, time\n"
+        "from kvflow.config import AsyncEngineArgs\n"
+        "from kvflow.engine.async_llm import AsyncLLM\n"
+        "if __name__ == '__main__':\n"
+        f"    e = AsyncLLM.from_engine_args(AsyncEngineArgs(model={str(tiny_llama_path)!r},"
+        " kv_cache_memory_gb=0.05, disable_log_stats=True))\n"
+        "    print(e.engine_core.proc.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert client.stdout is not None
+    core_pid = int(client.stdout.readline())
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{core_pid}").exists():
+        status = Path(f"/proc/{core_pid}/status").read_text() if Path(
+            f"/proc/{core_pid}/status").exists() else ""
+        if "zombie" in status:
+            break
+        assert time.monotonic() < deadline, "the engine core outlived its client"
+        time.sleep(0.2)
