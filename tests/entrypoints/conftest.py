@@ -23,8 +23,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # torch threads in the engine are ~10x slower than one.
 SERVER_ARGS = ["--kv-cache-memory-gb", "0.25", "--max-model-len", "2048", "--num-threads", "1",
                "--disable-log-stats"]
-TINY_ARGS = ["--kv-cache-memory-gb", "0.05", "--max-model-len", "1024", "--num-threads", "1",
-             "--disable-log-stats", "--disable-access-log"]
+TINY_ENGINE_ARGS = ["--kv-cache-memory-gb", "0.05", "--max-model-len", "1024",
+                    "--num-threads", "1", "--disable-log-stats"]
+TINY_ARGS = [*TINY_ENGINE_ARGS, "--disable-access-log"]
 STARTUP_TIMEOUT_S = 240
 
 

@@ -149,15 +149,7 @@ def test_50_clients_10_hang_up(server: RemoteServer) -> None:
     results = asyncio.run(_run_clients(server, 50, 10))
     assert results[:10] == ["left"] * 10
     assert all(len(text) > 0 and text != "left" for text in results[10:])
-    deadline = time.monotonic() + 10
-    while True:  # the engine drops the abandoned requests
-        text = httpx.get(server.url("/metrics")).text
-        idle = (metric(text, "kvflow:num_requests_running") == 0
-                and metric(text, "kvflow:num_requests_waiting") == 0)
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert idle, text
+    text = wait_idle(server)  # the engine dropped the abandoned requests
     aborted = metric(text, "kvflow:request_success_total", finished_reason="abort")
     assert aborted - aborted_before == 10
     assert metric(text, "kvflow:request_success_total", finished_reason="length") >= 40
@@ -170,3 +162,23 @@ def test_50_clients_10_hang_up(server: RemoteServer) -> None:
     for name in ("kvflow:num_preemptions_total", "kvflow:prefix_cache_queries_total",
                  "kvflow:prefix_cache_hits_total"):
         assert metric(text, name) >= 0
+
+
+def wait_idle(server: RemoteServer, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(server.url("/metrics")).text
+        if (metric(text, "kvflow:num_requests_running") == 0
+                and metric(text, "kvflow:num_requests_waiting") == 0):
+            return text
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+
+
+def test_hang_up_on_a_whole_response_aborts_it(server: RemoteServer) -> None:
+    aborted = metric(wait_idle(server), "kvflow:request_success_total", finished_reason="abort")
+    body = {"prompt": "Tell me a long story", "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url(COMPLETIONS), json=body, timeout=1.5)
+    text = wait_idle(server)
+    assert metric(text, "kvflow:request_success_total", finished_reason="abort") == aborted + 1
