@@ -52,13 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvflow", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    from kvflow.entrypoints.cli_serve import add_parsers
+
     builders: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser]
-    try:
-        from kvflow.entrypoints.cli_serve import add_parsers
-    except ImportError:  # the server entry points are optional at import time
-        pass
-    else:
-        builders.extend(add_parsers())
+    builders.extend(add_parsers())
     for build in builders:
         build(sub)
     return parser
