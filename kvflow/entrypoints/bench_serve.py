@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import random
@@ -74,6 +75,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=64, help="mean output length in tokens")
     p.add_argument("--range-ratio", type=float, default=0.5,
                    help="lengths are uniform in [len*(1-r), len*(1+r)]")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for exactly the output lengths (a vLLM extra; some servers refuse it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -120,8 +123,9 @@ async def iter_sse(response: Any) -> AsyncIterator[dict[str, Any]]:
 
 def _body(args: argparse.Namespace, model: str, spec: RequestSpec) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": spec.output_len, "temperature": 0.0,
-                            "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True}}
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
     if args.endpoint == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
@@ -269,6 +273,7 @@ def format_report(s: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     results, duration = asyncio.run(run_benchmark(args))
     summary = summarize(results, duration)
     summary.update(base_url=args.base_url, endpoint=args.endpoint, num_prompts=args.num_prompts,

@@ -271,5 +271,9 @@ def _bench_parser(sub: SubParsers) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from kvflow.entrypoints.bench_serve import main
 
-    result: dict[str, Any] = main(args)
+    try:
+        result: dict[str, Any] = main(args)
+    except Exception as exc:  # e.g. no server there, or the warm-up request failed
+        print(f"kvflow bench serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0 if result.get("completed", 0) > 0 else 1
