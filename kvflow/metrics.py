@@ -79,6 +79,9 @@ class ServerMetrics:
                               "Time to first token", TTFT_BUCKETS)
         self.itl = histogram("kvflow:inter_token_latency_seconds",
                              "Time between consecutive output tokens", ITL_BUCKETS)
+        # vLLM's older name for the same per-token gaps, kept for existing dashboards
+        self.tpot_legacy = histogram("kvflow:time_per_output_token_seconds",
+                                     "Time between consecutive output tokens", ITL_BUCKETS)
         self.tpot = histogram("kvflow:request_time_per_output_token_seconds",
                               "Mean time per output token of each request", ITL_BUCKETS)
         self.e2e = histogram("kvflow:e2e_request_latency_seconds",
@@ -130,6 +133,7 @@ class RequestTracker:
             gap = (now - self.last_output_time) / new_tokens
             for _ in range(new_tokens):
                 self.metrics.itl.observe(gap)
+                self.metrics.tpot_legacy.observe(gap)
         if new_tokens:
             self.last_output_time = now
         self.num_tokens += new_tokens

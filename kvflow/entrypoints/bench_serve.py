@@ -220,8 +220,9 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[list[RequestResult], 
 
 def _stats(values: list[float], prefix: str) -> dict[str, float]:
     arr = np.asarray(values, dtype=float) * 1000.0 if values else np.zeros(1)
-    return {f"mean_{prefix}_ms": float(arr.mean()), f"median_{prefix}_ms": float(np.median(arr)),
-            f"p99_{prefix}_ms": float(np.percentile(arr, 99))}
+    median = float(np.median(arr))
+    return {f"mean_{prefix}_ms": float(arr.mean()), f"median_{prefix}_ms": median,
+            f"p50_{prefix}_ms": median, f"p99_{prefix}_ms": float(np.percentile(arr, 99))}
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
@@ -264,7 +265,7 @@ def format_report(s: dict[str, Any]) -> str:
     for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token"),
                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
         lines.append("{:-^60}".format(f" {title} "))
-        for stat, name in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+        for stat, name in (("mean", "Mean"), ("median", "Median (p50)"), ("p99", "P99")):
             row(f"{name} {key.upper()} (ms):", s[f"{stat}_{key}_ms"])
     if "first_error" in s:
         lines.append(f"First error: {s['first_error']}")

@@ -29,6 +29,8 @@ def _serve_parser(sub: SubParsers) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", default=None,
                    help="model folder, GGUF file or packaged name (default: the packaged model)")
+    p.add_argument("--model", dest="model_option", default=None,
+                   help="the same as the positional MODEL (vLLM's older spelling)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--served-model-name", nargs="+", default=None,
@@ -92,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvflow.metrics import ServerMetrics
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args.model = args.model or args.model_option
     api_key = args.api_key or os.environ.get("KVFLOW_API_KEY") or None
     sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]

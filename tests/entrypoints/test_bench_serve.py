@@ -34,7 +34,7 @@ def test_bench_serve_against_a_server(tiny_llama_path: Path, tmp_path: Path) -> 
             capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         for figure in ("Request throughput (req/s):", "Output token throughput (tok/s):",
-                       "Mean TTFT (ms):", "P99 TPOT (ms):", "Median ITL (ms):"):
+                       "Mean TTFT (ms):", "P99 TPOT (ms):", "Median (p50) ITL (ms):"):
             assert figure in done.stdout
         result = json.loads(out.read_text())
         assert result["completed"] == 8 and result["failed"] == 0

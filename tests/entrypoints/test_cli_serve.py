@@ -36,6 +36,7 @@ def test_flags_come_from_the_engine_config() -> None:
     assert (args.model, args.port, args.host) == ("some/model", 9001, "127.0.0.1")
     assert args.served_model_name == ["a", "b"] and args.api_key == "k"
     assert args.max_num_seqs == 3 and args.enable_prefix_caching is False
+    assert build_parser().parse_args(["serve", "--model", "m"]).model_option == "m"
     bench = build_parser().parse_args(["bench", "serve", "--num-prompts", "8",
                                        "--max-concurrency", "2"])
     assert bench.num_prompts == 8 and bench.max_concurrency == 2

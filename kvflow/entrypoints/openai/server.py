@@ -95,6 +95,14 @@ async def list_models(raw: Request) -> ModelList:
                            for name in ctx.served_model_names])
 
 
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, raw: Request) -> ModelCard:
+    for card in (await list_models(raw)).data:
+        if card.id == model_id:
+            return card
+    raise OpenAIError(f"The model `{model_id}` does not exist.", 404, "model")
+
+
 @router.get("/health")
 async def health(raw: Request) -> Response:
     try:

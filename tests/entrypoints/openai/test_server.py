@@ -93,6 +93,9 @@ def test_small_endpoints(server: RemoteServer) -> None:
     models = server.client().models.list()
     assert [m.id for m in models.data] == [DEFAULT_MODEL]
     assert (models.data[0].model_extra or {})["max_model_len"] == 2048
+    assert server.client().models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
     assert httpx.get(server.url("/health")).status_code == 200
     assert httpx.get(server.url("/version")).json()["version"]
     tokens = httpx.post(server.url("/tokenize"),
