@@ -222,19 +222,20 @@ def _decode_attention(
     num_kv_heads = kv_cache.shape[3]
     num_decodes, max_len = metadata.decode_mask.shape
     q = query.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
-    # Query heads sharing a KV head are grouped so K/V are never expanded (GQA).
-    q = q.view(num_decodes, num_kv_heads, -1, head_dim)  # [D, KvH, G, hd]
     flat_blocks = metadata.decode_blocks.flatten()  # [D * NB]
     k = kv_cache[0].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
     v = kv_cache[1].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
+    k = k.view(num_decodes, max_len, num_kv_heads, head_dim)  # [D, L, KvH, hd]
     v = v.view(num_decodes, max_len, num_kv_heads, head_dim)  # [D, L, KvH, hd]
-    # Padding slots hold stale values of other requests; zero them so that even a NaN left
-    # there can never leak into this request's output (0 * NaN would).
-    v.masked_fill_(~metadata.decode_mask[:, :, None, None], 0.0)
-    k = k.view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)  # [D, KvH, L, hd]
-    v = v.transpose(1, 2)  # [D, KvH, L, hd]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [D, KvH, G, L]
-    scores.masked_fill_(~metadata.decode_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [D, KvH, G, L]
-    out = torch.matmul(probs, v)  # [D, KvH, G, hd]
+    # Padding slots hold stale values of other requests; zero them (in these gathered
+    # copies) so that even a NaN left there can never leak into this request's output.
+    padding = ~metadata.decode_mask[:, :, None, None]  # [D, L, 1, 1]
+    k.masked_fill_(padding, 0.0)
+    v.masked_fill_(padding, 0.0)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [D, KvH, L, hd]
+    # One fused kernel (flash attention on CPU) over all decodes; GQA without expanding K/V.
+    out = F.scaled_dot_product_attention(
+        q.view(num_decodes, num_heads, 1, head_dim), k, v,
+        attn_mask=metadata.decode_mask[:, None, None, :], scale=scale, enable_gqa=True,
+    )  # [D, H, 1, hd]
     return out.reshape(num_decodes, num_heads, head_dim)
