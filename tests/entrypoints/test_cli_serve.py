@@ -117,9 +117,11 @@ def test_engine_death_turns_health_503_and_ends_streams(tiny_llama_path: Path) -
         stream.join(timeout=10)
         assert isinstance(stream.outcome, openai.APIError), stream.outcome
         assert "died" in str(stream.outcome)
-        with pytest.raises(openai.InternalServerError) as info:
-            server.client().completions.create(model=str(tiny_llama_path), prompt="x")
-        assert info.value.status_code == 503
+        for streaming in (False, True):  # new requests: a plain 503, not a doomed stream
+            with pytest.raises(openai.InternalServerError) as info:
+                server.client().completions.create(model=str(tiny_llama_path), prompt="x",
+                                                   stream=streaming)
+            assert info.value.status_code == 503
 
 
 def test_sigterm_with_streams_in_flight(tiny_llama_path: Path) -> None:

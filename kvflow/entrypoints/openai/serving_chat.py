@@ -100,7 +100,7 @@ class OpenAIServingChat:
     async def create(self, request: ChatCompletionRequest
                      ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
         ctx = self.ctx
-        ctx.check_model(request.model)
+        await ctx.check_ready(request.model)
         refuse_unsupported(request)
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")

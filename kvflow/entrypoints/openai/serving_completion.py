@@ -80,7 +80,7 @@ class OpenAIServingCompletion:
     async def create(self, request: CompletionRequest
                      ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
         ctx = self.ctx
-        ctx.check_model(request.model)
+        await ctx.check_ready(request.model)
         refuse_unsupported(request)
         prompts = await self._prompts(request)
         request_id = random_id("cmpl")

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from kvflow.engine.async_llm import AsyncLLM
 from kvflow.entrypoints.openai.errors import OpenAIError, error_body, error_from_exception
 from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from kvflow.errors import EngineDeadError
 from kvflow.metrics import ServerMetrics
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import RequestOutputKind, SamplingParams
@@ -68,6 +69,14 @@ class ServingContext:
     @property
     def max_model_len(self) -> int:
         return int(self.engine.config.model_config.max_model_len)
+
+    async def check_ready(self, name: str | None) -> None:
+        """404 for an unknown model, 503 once the engine is dead: before any stream starts."""
+        self.check_model(name)
+        try:
+            await self.engine.check_health()
+        except EngineDeadError as exc:
+            raise OpenAIError(str(exc), 503) from exc
 
     def check_model(self, name: str | None) -> None:
         """404 unless the name is served (an absent name means the first served model)."""
@@ -220,8 +229,11 @@ async def merge_async_iterators(
 ) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several streams as (stream index, item); closing this closes all of them."""
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await _aclose(iterators[0])
         return
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
     try:
@@ -240,9 +252,14 @@ async def merge_async_iterators(
             fut.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for it in iterators:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(it)
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close an async generator now (which aborts its engine request), not at GC time."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def cancel_on_disconnect(coro: Any, is_disconnected: Callable[[], Any]) -> T:
