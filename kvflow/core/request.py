@@ -77,7 +77,8 @@ class Request:
         if self.sampling_params.seed is not None and self.sampling_params.temperature > 0:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.sampling_params.seed)
-        # Structured output: set by the core; advanced past each sampled token.
+        # Structured output: set by the core, advanced past each sampled token. Once the
+        # grammar is complete its mask allows only EOS, so the request stops as usual.
         self.grammar: GrammarState | None = None
 
     @property
@@ -113,10 +114,6 @@ class Request:
             if last in (params.stop_token_ids or ()):
                 self.stop_reason = last
                 return RequestStatus.FINISHED_STOPPED
-        if self.grammar is not None and self.grammar.terminated:
-            # The grammar is complete: only EOS could follow, so stop here (min_tokens and
-            # ignore_eos cannot extend a finished structure).
-            return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

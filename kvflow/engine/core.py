@@ -72,8 +72,8 @@ class EngineCore:
 
             mc = self.config.model_config
             self.structured = StructuredOutputManager(
-                mc.tokenizer_path, mc.vocab_size, self.config.scheduler_config.max_num_seqs,
-                self.runner.device)
+                mc.tokenizer_path, mc.vocab_size, mc.eos_token_ids,
+                self.config.scheduler_config.max_num_seqs, self.runner.device)
         return self.structured
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:

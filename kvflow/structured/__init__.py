@@ -1,0 +1,1 @@
+"""Structured output: JSON schema, regex, choice and grammar constraints via llguidance."""
