@@ -69,6 +69,7 @@ def test_chat_command_against_a_server(keyed_server: RemoteServer) -> None:
     assert done.stdout.count("> ") == 3 and "[error" not in done.stdout
 
 
+@pytest.mark.slow  # loads a model in the chat process; the --url test covers the chat loop
 def test_chat_command_in_process(tiny_llama_path: Path) -> None:
     done = run_chat([str(tiny_llama_path), *TINY_ENGINE_ARGS, "--max-tokens", "4"], "hello\n")
     assert done.returncode == 0, done.stderr  # EOF ends the chat
