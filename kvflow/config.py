@@ -55,7 +55,8 @@ class EngineArgs:
     disable_log_stats: bool = _arg(False, "do not log the periodic stats line")
     num_threads: int | None = _arg(None, "torch threads in the engine core (default: all cores)")
     tensor_parallel_size: int = _arg(1, "GPUs per model replica (only 1 is supported yet)")
-    quantization: str | None = _arg(None, "weight quantization (none supported yet)")
+    quantization: str | None = _arg(
+        None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
 
     def create_engine_config(self) -> EngineConfig:
@@ -65,8 +66,8 @@ class EngineArgs:
         _check_positive(self)
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size: only 1 is supported yet")
-        if self.quantization is not None:
-            raise ValueError(f"quantization {self.quantization!r} is not supported yet")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be 'int8' or None, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
@@ -177,11 +178,13 @@ class ModelConfig:
     seed: int
     max_logprobs: int
     architecture: str
+    quantization: str | None = None
 
     @classmethod
     def from_folder(cls, *, model: str | None, path: Path, tokenizer: str | None,
                     dtype: torch.dtype, device: torch.device, max_model_len: int | None,
-                    seed: int, max_logprobs: int) -> ModelConfig:
+                    seed: int, max_logprobs: int,
+                    quantization: str | None = None) -> ModelConfig:
         from kvflow.model.loader import load_hf_config
 
         hf_config = load_hf_config(path)
@@ -197,6 +200,7 @@ class ModelConfig:
             vocab_size=int(hf_config.vocab_size), eos_token_ids=_eos_ids(path, hf_config),
             seed=seed, max_logprobs=max_logprobs,
             architecture=(getattr(hf_config, "architectures", None) or ["?"])[0],
+            quantization=quantization,
         )
 
 

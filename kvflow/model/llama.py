@@ -161,6 +161,7 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings
             else linear(config.hidden_size, config.vocab_size, False)
         )
+        self.int8_head: nn.Module | None = None  # set by kvflow.model.quant
 
     def forward(
         self,
@@ -174,8 +175,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [R, vocab] for selected hidden states [R, hidden]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.int8_head is not None:  # quantized copy of a tied head
+            return self.int8_head(hidden).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.model.embed_tokens.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""

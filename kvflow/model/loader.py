@@ -77,7 +77,8 @@ def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             ) from exc
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype`, load its weights, return it in eval mode.
 
     Parameters start on the meta device, so no memory is spent on random initialization and
@@ -92,6 +93,10 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaFor
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(iterate_weights(files))
     model.requires_grad_(False)
+    if quantization is not None:
+        from kvflow.model.quant import quantize_model_
+
+        quantize_model_(model, quantization)
     return model.eval()
 
 

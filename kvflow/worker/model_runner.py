@@ -35,7 +35,7 @@ class ModelRunner:
         self.dtype = mc.dtype
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
-        self.model = load_model(mc.path, mc.dtype, mc.device)
+        self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization)
         self.num_blocks = self._count_blocks(config)
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)

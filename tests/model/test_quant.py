@@ -1,0 +1,49 @@
+"""Weight-only int8 quantization."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kvflow.model.quant import Int8Linear, quantize_int8
+
+
+def test_int8_linear_matches_dequantized_weights() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    q, scale = quantize_int8(linear.weight.data)
+    assert q.dtype == torch.int8 and scale.shape == (48,)
+    assert (q.float() * scale[:, None] - linear.weight).abs().max() <= scale.max() / 2 + 1e-6
+    x = torch.randn(5, 64)
+    expected = x @ (q.float() * scale[:, None]).T + linear.bias
+    torch.testing.assert_close(Int8Linear(linear)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def perplexity(llm, text_ids: list[int]) -> float:
+    from kvflow import SamplingParams
+
+    out = llm.generate({"prompt_token_ids": text_ids},
+                       SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    lps = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+    return math.exp(-sum(lps) / len(lps))
+
+
+@pytest.mark.slow
+def test_int8_perplexity_within_1_percent(default_model_path: Path) -> None:
+    from kvflow import LLM
+
+    text = ("The history of the city begins with a small settlement on the river bank, where "
+            "traders from the north and the south met to exchange salt, cloth and iron tools. "
+            "Over the centuries the settlement grew into a market town, then into a walled city "
+            "with a cathedral, a university and a harbour that welcomed ships from the sea.")
+    fp32 = LLM(str(default_model_path), kv_cache_memory_gb=0.1)
+    ids = fp32.get_tokenizer()(text)["input_ids"]
+    base = perplexity(fp32, ids)
+    del fp32
+    int8 = LLM(str(default_model_path), kv_cache_memory_gb=0.1, quantization="int8")
+    quant = perplexity(int8, ids)
+    assert abs(quant - base) / base < 0.01, (base, quant)
