@@ -23,15 +23,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 with one float scale per output channel."""
+    """A linear layer whose weight is int8 with one float scale per output channel."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    qweight: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        q, scale = quantize_int8(linear.weight.data)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_int8(weight)
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -39,25 +42,11 @@ class Int8Linear(nn.Module):
         if x2.device.type == "cpu":
             out = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [T, N]
         else:  # no fused kernel: dequantize on the fly (still saves memory, not time)
-            out = F.linear(x2, self.qweight.to(x2.dtype) * self.scale[:, None].to(x2.dtype))
+            weight = self.qweight.to(x2.dtype) * self.scale[:, None].to(x2.dtype)  # [N, K]
+            out = F.linear(x2, weight)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
-
-
-class Int8Head(nn.Module):
-    """An int8 copy of the LM head (or tied embedding) for compute_logits."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        q, scale = quantize_int8(weight)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.to(weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return torch._weight_int8pack_mm(x, self.qweight, self.scale)
-        return F.linear(x, self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype))
 
 
 def quantize_model_(model: nn.Module, method: str) -> nn.Module:
@@ -67,7 +56,8 @@ def quantize_model_(model: nn.Module, method: str) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+                bias = None if child.bias is None else child.bias.data
+                setattr(module, child_name, Int8Linear(child.weight.data, bias))
     if getattr(model, "lm_head", None) is None:  # tied: embedding lookups keep the float table
-        model.int8_head = Int8Head(model.model.embed_tokens.weight.data)  # type: ignore
+        model.int8_head = Int8Linear(model.model.embed_tokens.weight.data)  # type: ignore
     return model

@@ -20,7 +20,8 @@ def test_int8_linear_matches_dequantized_weights() -> None:
     assert (q.float() * scale[:, None] - linear.weight).abs().max() <= scale.max() / 2 + 1e-6
     x = torch.randn(5, 64)
     expected = x @ (q.float() * scale[:, None]).T + linear.bias
-    torch.testing.assert_close(Int8Linear(linear)(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(Int8Linear(linear.weight.data, linear.bias.data)(x), expected,
+                               atol=1e-4, rtol=1e-4)
 
 
 def perplexity(llm, text_ids: list[int]) -> float:
