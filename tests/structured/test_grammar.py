@@ -1,0 +1,150 @@
+"""Grammar compilation, validation and the compile cache; the bitmask on fixed logits."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import Future
+from pathlib import Path
+
+import llguidance
+import pytest
+import torch
+
+from kvflow.sampling_params import StructuredOutputsParams
+from kvflow.structured.grammar import GrammarCompiler, grammar_key
+from kvflow.structured.matcher import GrammarBitmask, GrammarState
+
+VOCAB = 49152
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(default_model_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+@pytest.fixture()
+def compiler(hf_tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(hf_tokenizer, VOCAB, max_cached=4)
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+VALID = [
+    StructuredOutputsParams(json=SCHEMA),
+    StructuredOutputsParams(json='{"type": "array", "items": {"enum": ["x", "y"]}}'),
+    StructuredOutputsParams(json_object=True),
+    StructuredOutputsParams(regex=r"\d{3}-[a-z]+"),
+    StructuredOutputsParams(choice=["yes", "no"]),
+    StructuredOutputsParams(grammar='root ::= "a" item*\nitem ::= [0-9] | "b"'),  # GBNF
+    StructuredOutputsParams(grammar='start: "a" ITEM*\nITEM: /[0-9]/ | "b"'),  # Lark
+]
+INVALID = [
+    (StructuredOutputsParams(json="{not json"), "not valid JSON"),
+    (StructuredOutputsParams(json='["a list"]'), "JSON schema object"),
+    (StructuredOutputsParams(json={"type": "no-such-type"}), "no-such-type"),
+    (StructuredOutputsParams(json={"type": "string", "minLength": 5, "maxLength": 2}),
+     "Unsatisfiable"),
+    (StructuredOutputsParams(json={"allOf": [{"type": "string"}, {"type": "integer"}]}),
+     "Unsatisfiable"),
+    (StructuredOutputsParams(regex="[a-z"), "unclosed character class"),
+    (StructuredOutputsParams(regex=r"[^\s\S]"), "can never be matched"),
+    (StructuredOutputsParams(grammar="root ::= missing_rule"), "missing_rule"),
+    (StructuredOutputsParams(grammar='root ::= ("a"'), "grammar"),
+    (StructuredOutputsParams(grammar="   "), "empty"),
+]
+
+
+@pytest.mark.parametrize("params", VALID, ids=lambda p: grammar_key(p)[0])
+def test_valid_grammars_compile(compiler: GrammarCompiler, params) -> None:
+    matcher = compiler.get(grammar_key(params))
+    assert not matcher.is_error()
+    compiler.validate(params)
+
+
+@pytest.mark.parametrize(("params", "message"), INVALID, ids=lambda x: str(x)[:40])
+def test_invalid_grammars_raise_value_error(compiler: GrammarCompiler, params, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compiler.validate(params)
+    assert len(compiler) == 0  # nothing bad is cached
+
+
+def test_each_distinct_grammar_compiles_once(compiler: GrammarCompiler) -> None:
+    for _ in range(3):
+        compiler.validate(StructuredOutputsParams(json=SCHEMA))
+        compiler.validate(StructuredOutputsParams(json=dict(SCHEMA)))  # equal dict, same text
+        compiler.validate(StructuredOutputsParams(regex="[a-z]+"))
+    assert compiler.num_compiled == 2 and len(compiler) == 2
+    first = compiler.get(grammar_key(StructuredOutputsParams(regex="[a-z]+")))
+    assert compiler.get(grammar_key(StructuredOutputsParams(regex="[a-z]+"))) is first
+
+
+def test_cache_is_lru_bounded(compiler: GrammarCompiler) -> None:
+    keys = [grammar_key(StructuredOutputsParams(regex=f"a{{{n}}}")) for n in range(1, 6)]
+    for key in keys[:4]:
+        compiler.get(key)
+    compiler.get(keys[0])  # touch: keys[1] is now the least recently used
+    compiler.get(keys[4])  # evicts keys[1]
+    assert len(compiler) == 4 and compiler.num_compiled == 5
+    compiler.get(keys[0])
+    assert compiler.num_compiled == 5
+    compiler.get(keys[1])
+    assert compiler.num_compiled == 6
+
+
+def test_tokenizer_is_built_lazily(hf_tokenizer) -> None:
+    compiler = GrammarCompiler(hf_tokenizer, VOCAB)
+    assert compiler._tokenizer is None
+    compiler.validate(StructuredOutputsParams(choice=["a"]))
+    assert compiler._tokenizer is not None
+
+
+def _state(compiler: GrammarCompiler, params: StructuredOutputsParams) -> GrammarState:
+    future: Future[llguidance.LLMatcher] = Future()
+    future.set_result(compiler.get(grammar_key(params)))
+    return GrammarState("r", future)
+
+
+def test_bitmask_masks_only_structured_rows(compiler: GrammarCompiler, hf_tokenizer) -> None:
+    state = _state(compiler, StructuredOutputsParams(choice=["yes", "no"]))
+    failed: Future[llguidance.LLMatcher] = Future()
+    failed.set_exception(ValueError("bad"))
+    broken = GrammarState("b", failed)
+    logits = torch.randn(3, VOCAB)
+    before = logits.clone()
+    bitmask = GrammarBitmask(VOCAB, [EOS], max_rows=1, device=torch.device("cpu"))
+    bitmask.apply(logits, [0, 2], [state, broken])  # more rows than max_rows: regrows
+    torch.testing.assert_close(logits[1], before[1])  # the plain row is untouched
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    texts = {hf_tokenizer.decode([t]) for t in allowed}
+    assert texts and all("yes".startswith(t) or "no".startswith(t) for t in texts)
+    torch.testing.assert_close(logits[0, allowed], before[0, allowed])
+    assert torch.isfinite(logits[2]).nonzero().flatten().tolist() == [EOS]
+    assert broken.failed
+
+
+def test_unpack_matches_bit_layout() -> None:
+    bitmask = GrammarBitmask(70, [EOS], max_rows=2, device=torch.device("cpu"))  # W = 3
+    words = torch.tensor([[1 - 2**31, 0, 1 << 5], [0, -1, 0]], dtype=torch.int32)
+    allowed = bitmask.unpack(words)
+    assert allowed.shape == (2, 70)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 31, 69]
+    assert allowed[1].nonzero().flatten().tolist() == list(range(32, 64))
+
+
+def test_state_follows_the_grammar_to_eos(compiler: GrammarCompiler, hf_tokenizer) -> None:
+    state = _state(compiler, StructuredOutputsParams(regex="ab"))
+    matcher = state.resolve()
+    assert matcher is not None
+    for token in hf_tokenizer("ab", add_special_tokens=False)["input_ids"]:
+        state.accept_token(token)
+    assert matcher.is_stopped() and not matcher.is_error()
+    state.accept_token(EOS)  # EOS after completion is not fed to the matcher
+    assert not matcher.is_error() and state.num_accepted == len(
+        hf_tokenizer("ab", add_special_tokens=False)["input_ids"])
+    logits = torch.zeros(1, VOCAB)
+    GrammarBitmask(VOCAB, [EOS], 1, torch.device("cpu")).apply(logits, [0], [state])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
+    # the compiled (shared) matcher never moves: each request advances its own copy
+    assert not compiler.get(grammar_key(StructuredOutputsParams(regex="ab"))).is_stopped()
