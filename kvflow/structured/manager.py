@@ -79,6 +79,3 @@ class StructuredOutputManager:
             grammar = requests[i].grammar
             assert grammar is not None
             grammar.accept_token(sampled[i])
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
