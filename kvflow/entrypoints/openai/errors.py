@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -84,13 +85,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('msg', '')}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    parts = []
-    for err in errors[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts), param
+    param = _param_path(first.get("loc", ())) or None
+    parts = [f"{_param_path(err.get('loc', ())) or 'body'}: {err.get('msg', 'invalid')}"
+             for err in errors[:5]]
+    return "; ".join(dict.fromkeys(parts)), param
+
+
+# pydantic names the member of a union that failed ("stop" → "str", "list[str]"): not a path.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|dict|list|none|function-\w+)(\[.*\])?$")
+
+
+def _param_path(loc: Any) -> str:
+    """("body", "messages", 0, "role") → "messages.0.role"."""
+    parts: list[str] = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, str) and _UNION_MEMBER.match(part):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,17 +17,23 @@ class OpenAIBaseModel(BaseModel):
         return sorted(self.model_extra or {})
 
 
-class StreamOptions(OpenAIBaseModel):
+class RequestModel(OpenAIBaseModel):
+    """A request body: types are strict, as OpenAI's are ("2" or true is no integer)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(RequestModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
-class ResponseFormat(OpenAIBaseModel):
+class ResponseFormat(RequestModel):
     type: str
     json_schema: dict[str, Any] | None = None
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestModel):
     """The fields completions and chat completions share."""
 
     model: str | None = None
@@ -83,7 +89,7 @@ class CompletionRequest(SamplingRequest):
     add_special_tokens: bool = True
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(RequestModel):
     """One message; content is a string or a list of {"type": "text", "text": ...} parts."""
 
     role: str
@@ -229,14 +235,14 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard]
 
 
-class TokenizeCompletionRequest(OpenAIBaseModel):
+class TokenizeCompletionRequest(RequestModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(OpenAIBaseModel):
+class TokenizeChatRequest(RequestModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -253,7 +259,7 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

@@ -26,6 +26,10 @@ ERROR_CASES: list[tuple[str, Any, int, str | None]] = [
     (CHAT, {"model": "no-such-model", "messages": HELLO}, 404, "model"),
     (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),  # strict, as OpenAI
+    (COMPLETIONS, {"prompt": "x", "n": True}, 400, "n"),
+    (COMPLETIONS, {"prompt": "x", "stop": 5}, 400, "stop"),
+    (COMPLETIONS, {"prompt": 5}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "x", "top_p": 5}, 400, "top_p"),
     (COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
