@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
     parser.add_argument("--out", default=None, help="write both runs' figures as JSON here")
     args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) must still stop the server we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from common import write_result
 
