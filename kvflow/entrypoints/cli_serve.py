@@ -29,7 +29,7 @@ def _serve_parser(sub: SubParsers) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", default=None,
                    help="model folder, GGUF file or packaged name (default: the packaged model)")
-    p.add_argument("--model", dest="model_option", default=None,
+    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
                    help="the same as the positional MODEL (vLLM's older spelling)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
