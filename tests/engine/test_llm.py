@@ -220,7 +220,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_n_greater_than_one(default_llm: LLM) -> None:
-    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7)
+    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     out = default_llm.generate("Tell me a joke", params, use_tqdm=False)[0]
     assert sorted(c.index for c in out.outputs) == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
