@@ -106,6 +106,11 @@ class ServerMetrics:
             counter.inc(max(0, total - self._last_totals[field]))
             self._last_totals[field] = max(total, self._last_totals[field])
 
+    def engine_dead(self) -> None:
+        """A dead engine runs nothing: gauges must not keep its last numbers."""
+        for gauge in (self.running, self.waiting, self.kv_cache_usage):
+            gauge.set(0)
+
     def track_request(self) -> RequestTracker:
         return RequestTracker(self)
 

@@ -32,6 +32,11 @@ def test_gauges_and_counters_follow_the_core_totals() -> None:
     assert sample(text, "kvflow:prefix_cache_hit_rate") == 0.25
     assert sample(text, "kvflow:num_requests_waiting") == 0
     assert ServerMetrics("other").registry is not metrics.registry
+    metrics.update_from_stats(SchedulerStats(num_running_reqs=3, kv_cache_usage=0.5))
+    metrics.engine_dead()
+    text = metrics.render().decode()
+    assert sample(text, "kvflow:num_requests_running") == 0
+    assert sample(text, "kvflow:kv_cache_usage_perc") == 0
 
 
 def test_request_latencies() -> None:

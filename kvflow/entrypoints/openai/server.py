@@ -125,7 +125,9 @@ async def version() -> dict[str, str]:
 @router.get("/metrics")
 async def metrics(raw: Request) -> Response:
     ctx = _ctx(raw)
-    if not ctx.engine.errored:
+    if ctx.engine.errored:
+        ctx.metrics.engine_dead()
+    else:
         try:
             stats = await asyncio.wait_for(ctx.engine.get_scheduler_stats(), timeout=5)
             ctx.metrics.update_from_stats(stats)
