@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 import llguidance
 import llguidance.torch
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -93,18 +94,30 @@ class GrammarBitmask:
                 matchers.append((matcher, i))
         if matchers:
             llguidance.torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)
-        allowed = self.unpack(bitmask.to(self.device, non_blocking=True))  # [n, V] bool
+        forbidden = self.forbidden(bitmask)  # [n, V] bool
         if len(rows) == logits.shape[0]:
-            logits.masked_fill_(~allowed, _NEG_INF)
+            logits.masked_fill_(forbidden, _NEG_INF)
             return
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)  # [n]
-        logits[index] = logits[index].masked_fill_(~allowed, _NEG_INF)  # [n, V]
+        logits[index] = logits[index].masked_fill_(forbidden, _NEG_INF)  # [n, V]
 
-    def unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """[n, W] int32 words → [n, V] bool, token t allowed when bit t % 32 of word t // 32."""
-        num_rows, num_words = bitmask.shape
-        bits = (bitmask.unsqueeze(-1) >> self.shifts) & 1  # [n, W, 32]
-        return bits.view(num_rows, num_words * 32)[:, :self.vocab_size].bool()  # [n, V]
+    def forbidden(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """[n, W] int32 words → [n, V] bool on the device, True where the token is not allowed."""
+        if self.device.type != "cpu":
+            words = bitmask.to(self.device, non_blocking=True)  # pinned host memory
+            return unpack_bits(words, self.shifts, self.vocab_size).logical_not_()
+        # numpy's unpackbits is ~10x faster than the shift-and-mask below on CPU.
+        # int32 words read as little-endian bytes: byte k of word i holds tokens 32i+8k...+7.
+        inverted = np.invert(bitmask.numpy()).view(np.uint8)  # [n, 4W]
+        bits = np.unpackbits(inverted, axis=1, count=self.vocab_size, bitorder="little")  # [n, V]
+        return torch.from_numpy(bits).view(torch.bool)
+
+
+def unpack_bits(words: torch.Tensor, shifts: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, W] int32 → [n, V] bool, token t allowed when bit t % 32 of word t // 32 is set."""
+    num_rows, num_words = words.shape
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [n, W, 32]
+    return bits.view(num_rows, num_words * 32)[:, :vocab_size].bool()  # [n, V]
 
 
 def _to_int32(value: int) -> int:

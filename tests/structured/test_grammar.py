@@ -12,7 +12,7 @@ import torch
 
 from kvflow.sampling_params import StructuredOutputsParams
 from kvflow.structured.grammar import GrammarCompiler, grammar_key
-from kvflow.structured.matcher import GrammarBitmask, GrammarState
+from kvflow.structured.matcher import GrammarBitmask, GrammarState, unpack_bits
 
 VOCAB = 49152
 EOS = 2
@@ -125,12 +125,17 @@ def test_bitmask_masks_only_structured_rows(compiler: GrammarCompiler, hf_tokeni
 
 
 def test_unpack_matches_bit_layout() -> None:
-    bitmask = GrammarBitmask(70, [EOS], max_rows=2, device=torch.device("cpu"))  # W = 3
-    words = torch.tensor([[1 - 2**31, 0, 1 << 5], [0, -1, 0]], dtype=torch.int32)
-    allowed = bitmask.unpack(words)
-    assert allowed.shape == (2, 70)
-    assert allowed[0].nonzero().flatten().tolist() == [0, 31, 69]
-    assert allowed[1].nonzero().flatten().tolist() == list(range(32, 64))
+    words = torch.tensor([[1 - 2**31, 0, 1 << 5], [0, -1, 0]], dtype=torch.int32)  # W = 3
+    expected = [[0, 31, 69], list(range(32, 64))]
+    allowed = unpack_bits(words, torch.arange(32, dtype=torch.int32), 70)  # the CUDA path
+    assert [row.nonzero().flatten().tolist() for row in allowed] == expected
+    forbidden = GrammarBitmask(70, [EOS], 2, torch.device("cpu")).forbidden(words)  # CPU path
+    assert forbidden.shape == (2, 70)
+    assert [(~row).nonzero().flatten().tolist() for row in forbidden] == expected
+    random_words = torch.randint(-(2**31), 2**31 - 1, (4, 1536), dtype=torch.int32)
+    forbidden = GrammarBitmask(VOCAB, [EOS], 4, torch.device("cpu")).forbidden(random_words)
+    assert torch.equal(~forbidden, unpack_bits(random_words, torch.arange(32, dtype=torch.int32),
+                                               VOCAB))
 
 
 def test_state_follows_the_grammar_to_eos(compiler: GrammarCompiler, hf_tokenizer) -> None:
