@@ -53,16 +53,34 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Single-token queries of similar context length, attended in one batched call.
+
+    Their blocks are gathered into one padded [G, NB * block_size] context; grouping by
+    length keeps that padding (copied, then zeroed) small when lengths differ widely.
+    """
+
+    token_indices: torch.Tensor  # [G] index in the flat batch
+    blocks: torch.Tensor  # [G, NB] block ids, padded with 0
+    mask: torch.Tensor | None  # [G, NB * bs] True = attend; None when nothing is padding
+    padding_rows: torch.Tensor | None  # [P] rows of the gathered [G * NB * bs] context to zero
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where a step's new tokens go in the KV cache and what each of them attends to."""
 
     num_tokens: int
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     prefills: list[PrefillSpan]
-    # Requests with a single new token, batched together; None when there are none.
-    decode_token_indices: torch.Tensor | None  # [num_decodes] index in the flat batch
-    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block ids, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decodes, max_blocks * block_size] False on padding
+    decodes: list[DecodeGroup]  # requests with a single new token
+
+    @property
+    def decode_token_indices(self) -> torch.Tensor | None:
+        """[num_decodes] flat-batch index of every decode token, group by group."""
+        if not self.decodes:
+            return None
+        return torch.cat([group.token_indices for group in self.decodes])
 
 
 def _padded_block_table(block_tables: list[list[int]]) -> torch.Tensor:
@@ -117,25 +135,55 @@ def build_attention_metadata(
         if query_lens[i] > 1
     ]
     decodes = [i for i in range(num_requests) if query_lens[i] == 1]
-    decode_token_indices = decode_blocks = decode_mask = None
-    if decodes:
-        decode_ids = torch.tensor(decodes, dtype=torch.long)  # [D]
-        decode_seq_lens = torch.tensor([seq_lens[i] for i in decodes])  # [D]
-        max_blocks = -(-int(decode_seq_lens.max()) // block_size)
-        # Whole blocks are gathered (contiguous block_size * KvH * hd runs, far cheaper
-        # than slot by slot); positions past a request's length are masked out.
-        decode_blocks = table[decode_ids, :max_blocks].to(device)  # [D, NB]
-        context = torch.arange(max_blocks * block_size)  # [NB * bs]
-        decode_mask = (context[None, :] < decode_seq_lens[:, None]).to(device)  # [D, NB * bs]
-        decode_token_indices = starts_t[decode_ids].to(device)  # [D]
-    return AttentionMetadata(
-        num_tokens=num_tokens,
-        slot_mapping=slot_mapping.to(device),
-        prefills=prefills,
-        decode_token_indices=decode_token_indices,
-        decode_blocks=decode_blocks,
-        decode_mask=decode_mask,
-    )
+    groups = [
+        _decode_group(table, starts_t, members, seq_lens, block_size, device)
+        for members in group_by_length(decodes, seq_lens, block_size)
+    ]
+    return AttentionMetadata(num_tokens, slot_mapping.to(device), prefills, groups)
+
+
+# A decode joins the current (longer) group while it needs at least this share of the
+# group's blocks, so at most ~25% of a group's gathered context is padding.
+_GROUP_FILL = 0.75
+
+
+def group_by_length(
+    decodes: list[int], seq_lens: list[int], block_size: int
+) -> list[list[int]]:
+    """Split decode requests, longest first, into groups of similar block counts."""
+    groups: list[list[int]] = []
+    width = 0
+    for i in sorted(decodes, key=lambda i: seq_lens[i], reverse=True):
+        num_blocks = -(-seq_lens[i] // block_size)
+        if not groups or num_blocks < _GROUP_FILL * width:
+            groups.append([])
+            width = num_blocks
+        groups[-1].append(i)
+    return groups
+
+
+def _decode_group(
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    members: list[int],
+    seq_lens: list[int],
+    block_size: int,
+    device: torch.device,
+) -> DecodeGroup:
+    ids = torch.tensor(members, dtype=torch.long)  # [G]
+    lens = torch.tensor([seq_lens[i] for i in members])  # [G]
+    num_blocks = -(-int(lens.max()) // block_size)
+    width = num_blocks * block_size
+    # Whole blocks are gathered (contiguous block_size * KvH * hd runs, far cheaper than
+    # slot by slot); positions past a request's length are masked out and zeroed.
+    mask = padding_rows = None
+    if int(lens.min()) < width:
+        context = torch.arange(width)  # [L]
+        mask = context[None, :] < lens[:, None]  # [G, L]
+        padding_rows = (~mask).flatten().nonzero().flatten().to(device)  # [P]
+        mask = mask.to(device)
+    return DecodeGroup(starts[ids].to(device), table[ids, :num_blocks].to(device), mask,
+                       padding_rows)
 
 
 def _prefill_span(
@@ -180,9 +228,9 @@ def paged_attention(
         output[span.start : span.end] = _prefill_attention(
             query, key, value, key_cache, value_cache, span, scale
         )
-    if metadata.decode_token_indices is not None:
-        decoded = _decode_attention(query, kv_cache, metadata, scale)  # [D, H, hd]
-        output.index_copy_(0, metadata.decode_token_indices, decoded)
+    for group in metadata.decodes:
+        decoded = _decode_attention(query, kv_cache, group, scale)  # [G, H, hd]
+        output.index_copy_(0, group.token_indices, decoded)
     return output
 
 
@@ -212,30 +260,29 @@ def _prefill_attention(
 def _decode_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
+    group: DecodeGroup,
     scale: float,
 ) -> torch.Tensor:
-    """All single-token queries in one batched call over their gathered, padded context."""
-    assert metadata.decode_token_indices is not None
-    assert metadata.decode_blocks is not None and metadata.decode_mask is not None
+    """A group's single-token queries in one batched call over their gathered context."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
-    num_decodes, max_len = metadata.decode_mask.shape
-    q = query.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
-    flat_blocks = metadata.decode_blocks.flatten()  # [D * NB]
-    k = kv_cache[0].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
-    v = kv_cache[1].index_select(0, flat_blocks)  # [D * NB, bs, KvH, hd]
-    k = k.view(num_decodes, max_len, num_kv_heads, head_dim)  # [D, L, KvH, hd]
-    v = v.view(num_decodes, max_len, num_kv_heads, head_dim)  # [D, L, KvH, hd]
-    # Padding slots hold stale values of other requests; zero them (in these gathered
-    # copies) so that even a NaN left there can never leak into this request's output.
-    padding = ~metadata.decode_mask[:, :, None, None]  # [D, L, 1, 1]
-    k.masked_fill_(padding, 0.0)
-    v.masked_fill_(padding, 0.0)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [D, KvH, L, hd]
-    # One fused kernel (flash attention on CPU) over all decodes; GQA without expanding K/V.
+    num_decodes, num_blocks = group.blocks.shape
+    length = num_blocks * kv_cache.shape[2]
+    q = query.index_select(0, group.token_indices)  # [G, H, hd]
+    flat_blocks = group.blocks.flatten()  # [G * NB]
+    k = kv_cache[0].index_select(0, flat_blocks)  # [G * NB, bs, KvH, hd]
+    v = kv_cache[1].index_select(0, flat_blocks)  # [G * NB, bs, KvH, hd]
+    if group.padding_rows is not None:
+        # Padding slots hold stale values of other requests; zero them (in these gathered
+        # copies) so that even a NaN left there can never leak into this request's output.
+        k.view(num_decodes * length, -1).index_fill_(0, group.padding_rows, 0.0)
+        v.view(num_decodes * length, -1).index_fill_(0, group.padding_rows, 0.0)
+    k = k.view(num_decodes, length, num_kv_heads, head_dim).transpose(1, 2)  # [G, KvH, L, hd]
+    v = v.view(num_decodes, length, num_kv_heads, head_dim).transpose(1, 2)  # [G, KvH, L, hd]
+    mask = None if group.mask is None else group.mask[:, None, None, :]  # [G, 1, 1, L]
+    # One fused kernel (flash attention on CPU) per group; GQA without expanding K/V.
     out = F.scaled_dot_product_attention(
         q.view(num_decodes, num_heads, 1, head_dim), k, v,
-        attn_mask=metadata.decode_mask[:, None, None, :], scale=scale, enable_gqa=True,
-    )  # [D, H, 1, hd]
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )  # [G, H, 1, hd]
     return out.reshape(num_decodes, num_heads, head_dim)

@@ -7,6 +7,7 @@ import torch
 
 from kvflow.model.attention import (
     build_attention_metadata,
+    group_by_length,
     kv_cache_bytes_per_block,
     kv_cache_shape,
     paged_attention,
@@ -98,3 +99,17 @@ def test_mixed_batch_matches_reference() -> None:
     # The new tokens' K/V were written into their slots.
     torch.testing.assert_close(flat_k[metadata.slot_mapping], key)
     torch.testing.assert_close(flat_v[metadata.slot_mapping], value)
+
+
+def test_decodes_are_grouped_by_length() -> None:
+    seq_lens = [64, 5, 60, 48, 47, 12, 16]  # block_size 4: 16, 2, 15, 12, 12, 3, 4 blocks
+    groups = group_by_length([0, 1, 2, 3, 4, 5, 6], seq_lens, BLOCK_SIZE)
+    assert groups == [[0, 2, 3, 4], [6, 5], [1]]
+    metadata = build_attention_metadata(
+        [1] * 3, [64, 60, 8], [list(range(16)), list(range(16, 31)), [31, 32]], BLOCK_SIZE, CPU)
+    first, second = metadata.decodes
+    assert first.blocks.shape == (2, 16) and first.padding_rows is not None
+    assert first.padding_rows.tolist() == [64 + i for i in range(60, 64)]
+    assert second.mask is None and second.padding_rows is None  # exactly two full blocks
+    assert metadata.decode_token_indices is not None
+    assert metadata.decode_token_indices.tolist() == [0, 1, 2]
