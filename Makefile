@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Verify and convert the default model once into the cache (fast on later runs).
+# Also build the CPU attention kernel (C, ~1 s); without a compiler the torch path is used.
 model: $(STAMP)
 	$(PY) -m kvflow.model.registry
+	$(PY) -m kvflow.model.cpu_kernels || echo "no C compiler: CPU decode attention stays on the torch path"
 
 run: setup
 	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvflow.model import cpu_kernels
+
 
 def kv_cache_shape(
     num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
@@ -61,6 +63,7 @@ class DecodeGroup:
     """
 
     token_indices: torch.Tensor  # [G] index in the flat batch
+    seq_lens: torch.Tensor  # [G] context length of each, the new token included
     blocks: torch.Tensor  # [G, NB] block ids, padded with 0
     mask: torch.Tensor | None  # [G, NB * bs] True = attend; None when nothing is padding
     padding_rows: torch.Tensor | None  # [P] rows of the gathered [G * NB * bs] context to zero
@@ -74,6 +77,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     prefills: list[PrefillSpan]
     decodes: list[DecodeGroup]  # requests with a single new token
+    # Decodes go to the C kernel of kvflow.model.cpu_kernels (one group, nothing gathered).
+    cpu_kernel: bool = False
 
     @property
     def decode_token_indices(self) -> torch.Tensor | None:
@@ -112,8 +117,13 @@ def build_attention_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    cpu_kernel: bool = False,
 ) -> AttentionMetadata:
-    """Precompute slots and masks once per step; every layer reuses them."""
+    """Precompute slots and masks once per step; every layer reuses them.
+
+    With `cpu_kernel` all decodes form one group for the C kernel, which reads each
+    request's blocks in place up to its length (no padding to mask or zero).
+    """
     _check_inputs(query_lens, seq_lens, block_tables, block_size)
     num_requests = len(query_lens)
     table = _padded_block_table(block_tables)  # [num_requests, max_blocks]
@@ -135,11 +145,15 @@ def build_attention_metadata(
         if query_lens[i] > 1
     ]
     decodes = [i for i in range(num_requests) if query_lens[i] == 1]
-    groups = [
-        _decode_group(table, starts_t, members, seq_lens, block_size, device)
-        for members in group_by_length(decodes, seq_lens, block_size)
-    ]
-    return AttentionMetadata(num_tokens, slot_mapping.to(device), prefills, groups)
+    if cpu_kernel:
+        groups = [_decode_group(table, starts_t, decodes, seq_lens, block_size, device,
+                                padded=False)] if decodes else []
+    else:
+        groups = [
+            _decode_group(table, starts_t, members, seq_lens, block_size, device)
+            for members in group_by_length(decodes, seq_lens, block_size)
+        ]
+    return AttentionMetadata(num_tokens, slot_mapping.to(device), prefills, groups, cpu_kernel)
 
 
 # A decode joins the current (longer) group while it needs at least this share of the
@@ -169,21 +183,22 @@ def _decode_group(
     seq_lens: list[int],
     block_size: int,
     device: torch.device,
+    padded: bool = True,
 ) -> DecodeGroup:
     ids = torch.tensor(members, dtype=torch.long)  # [G]
-    lens = torch.tensor([seq_lens[i] for i in members])  # [G]
+    lens = torch.tensor([seq_lens[i] for i in members], dtype=torch.long)  # [G]
     num_blocks = -(-int(lens.max()) // block_size)
     width = num_blocks * block_size
     # Whole blocks are gathered (contiguous block_size * KvH * hd runs, far cheaper than
     # slot by slot); positions past a request's length are masked out and zeroed.
     mask = padding_rows = None
-    if int(lens.min()) < width:
+    if padded and int(lens.min()) < width:
         context = torch.arange(width)  # [L]
         mask = context[None, :] < lens[:, None]  # [G, L]
         padding_rows = (~mask).flatten().nonzero().flatten().to(device)  # [P]
         mask = mask.to(device)
-    return DecodeGroup(starts[ids].to(device), table[ids, :num_blocks].to(device), mask,
-                       padding_rows)
+    return DecodeGroup(starts[ids].to(device), lens.to(device),
+                       table[ids, :num_blocks].contiguous().to(device), mask, padding_rows)
 
 
 def _prefill_span(
@@ -229,7 +244,12 @@ def paged_attention(
             query, key, value, key_cache, value_cache, span, scale
         )
     for group in metadata.decodes:
-        decoded = _decode_attention(query, kv_cache, group, scale)  # [G, H, hd]
+        if metadata.cpu_kernel:
+            decoded = cpu_kernels.paged_decode_attention(
+                query.index_select(0, group.token_indices), kv_cache, group.blocks,
+                group.seq_lens, scale)  # [G, H, hd]
+        else:
+            decoded = _decode_attention(query, kv_cache, group, scale)  # [G, H, hd]
         output.index_copy_(0, group.token_indices, decoded)
     return output
 

@@ -13,6 +13,7 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import SchedulerOutput, StepResult
 from kvflow.engine.protocol import LogprobsLists
+from kvflow.model import cpu_kernels
 from kvflow.model.attention import (
     build_attention_metadata,
     kv_cache_bytes_per_block,
@@ -49,6 +50,9 @@ class ModelRunner:
             for _ in range(self.model.num_layers)
         ]
         self.sampler = Sampler()
+        # Decode attention in C on the CPU (float32 only), else the pure-torch path.
+        self.cpu_kernel = (self.device.type == "cpu" and self.dtype == torch.float32
+                           and cpu_kernels.load() is not None)
 
     def _count_blocks(self, config: EngineConfig) -> int:
         cc = config.cache_config
@@ -89,7 +93,8 @@ class ModelRunner:
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
         metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device)
+            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
+            cpu_kernel=self.cpu_kernel)
         hidden = self.model(input_ids.to(self.device), positions.to(self.device),
                             self.kv_caches, metadata)  # [num_tokens, hidden]
         ends = np.cumsum(query_lens) - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvflow.model import cpu_kernels
 from kvflow.model.attention import (
     build_attention_metadata,
     group_by_length,
@@ -58,8 +59,11 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)  # [Q, H, hd]
 
 
-def test_mixed_batch_matches_reference() -> None:
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch", "c-kernel"])
+def test_mixed_batch_matches_reference(cpu_kernel: bool) -> None:
     """Fresh prefill, chunk over cached context, and decodes of different lengths together."""
+    if cpu_kernel and cpu_kernels.load() is None:
+        pytest.skip("no C compiler here")
     generator = torch.Generator().manual_seed(0)
     query_lens = [6, 1, 5, 1, 1]
     seq_lens = [6, 9, 12, 1, 14]
@@ -89,7 +93,8 @@ def test_mixed_batch_matches_reference() -> None:
 
     new = [(q[-n:], k[-n:], v[-n:]) for (q, k, v), n in zip(full, query_lens, strict=True)]
     query, key, value = (torch.cat(parts) for parts in zip(*new, strict=True))
-    metadata = build_attention_metadata(query_lens, seq_lens, tables, BLOCK_SIZE, CPU)
+    metadata = build_attention_metadata(query_lens, seq_lens, tables, BLOCK_SIZE, CPU,
+                                        cpu_kernel=cpu_kernel)
     output = paged_attention(query, key, value, cache, metadata, HEAD_DIM**-0.5)
 
     expected = torch.cat(
