@@ -161,7 +161,9 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings
             else linear(config.hidden_size, config.vocab_size, False)
         )
-        self.int8_head: nn.Module | None = None  # set by kvflow.model.quant
+        # A tied head's own copy in a faster format (int8, oneDNN-packed), set by
+        # kvflow.model.quant or pack_linears_; the embedding keeps the float table.
+        self.tied_head: nn.Module | None = None
 
     def forward(
         self,
@@ -175,8 +177,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [R, vocab] for selected hidden states [R, hidden]."""
-        if self.int8_head is not None:  # quantized copy of a tied head
-            return self.int8_head(hidden).float()
+        if self.tied_head is not None:
+            return self.tied_head(hidden).float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.model.embed_tokens.weight).float()

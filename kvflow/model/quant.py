@@ -59,5 +59,5 @@ def quantize_model_(model: nn.Module, method: str) -> nn.Module:
                 bias = None if child.bias is None else child.bias.data
                 setattr(module, child_name, Int8Linear(child.weight.data, bias))
     if getattr(model, "lm_head", None) is None:  # tied: embedding lookups keep the float table
-        model.int8_head = Int8Linear(model.model.embed_tokens.weight.data)  # type: ignore
+        model.tied_head = Int8Linear(model.model.embed_tokens.weight.data)  # type: ignore
     return model

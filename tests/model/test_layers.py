@@ -1,12 +1,14 @@
-"""PackedLinear (oneDNN prepacked weights) against nn.Linear."""
+"""PackedLinear (oneDNN prepacked weights) against nn.Linear and the tied head."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from kvflow.model.layers import PackedLinear, can_pack, pack_linears_
+from kvflow.model.llama import LlamaForCausalLM
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
                                 reason="torch built without oneDNN")
@@ -35,3 +37,13 @@ def test_pack_linears_replaces_every_linear() -> None:
 def test_no_packing_off_cpu_float32() -> None:
     assert not can_pack(torch.device("cpu"), torch.bfloat16)
     assert not can_pack(torch.device("cuda"), torch.float32)
+
+
+def test_tied_head_gets_a_packed_copy() -> None:
+    model = LlamaForCausalLM(tiny_config("llama", "LlamaForCausalLM", tie_word_embeddings=True))
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        expected = model.compute_logits(hidden)
+        pack_linears_(model)
+        assert isinstance(model.tied_head, PackedLinear)
+        torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,99 @@
+"""Where an engine step's time goes, at a steady batch of decodes.
+
+Loads the offline-throughput workload (64 requests, prompts 16-512, outputs 16-256,
+ignore_eos, greedy) into an in-process engine, steps until every request is decoding, then
+profiles --steps steps with the torch profiler and prints the share of each part: the
+model's linear layers, attention (cache write and kernel; the C kernel is no torch op, so
+the call is wrapped in a labelled region here), the rest of the forward, the LM head,
+sampling, scheduling, and whatever is left (input preparation, output bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from common import make_workload, write_result
+from torch.profiler import record_function
+
+
+def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", default="benchmarks/results/profile_step.json")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from kvflow import SamplingParams
+    from kvflow.config import EngineArgs
+    from kvflow.engine.llm_engine import LLMEngine
+    from kvflow.model import llama
+    from kvflow.model.registry import resolve_model
+
+    path = resolve_model(args.model)
+    work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, 0)
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(path), max_num_seqs=args.num_requests, disable_log_stats=True))
+    core = engine.core
+    runner = core.runner
+    runner.model.forward = labelled("forward", runner.model.forward)
+    runner.model.compute_logits = labelled("lm_head", runner.model.compute_logits)
+    runner.sampler = labelled("sample", runner.sampler)
+    core.scheduler.schedule = labelled("schedule", core.scheduler.schedule)
+    llama.paged_attention = labelled("attention", llama.paged_attention)  # torch or C path
+
+    for i, (ids, n) in enumerate(work):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    # Step until all prompts are in (every request then decodes), plus a few steps.
+    while core.scheduler.stats().num_waiting_reqs or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    batch = len(core.scheduler.running)
+
+    with torch.profiler.profile() as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            with record_function("step"):
+                engine.step()
+        step_s = (time.perf_counter() - t0) / args.steps
+    totals = {e.key: e.cpu_time_total / 1e6 / args.steps for e in prof.key_averages()}
+    linear = sum(totals.get(k, 0.0) for k in
+                 ("mkldnn::_linear_pointwise", "aten::linear", "aten::_weight_int8pack_mm"))
+    head = totals.get("lm_head", 0.0)
+    linear -= min(linear, head)  # the head's matmul is counted under lm_head
+    forward = totals.get("forward", 0.0)
+    attn = totals.get("attention", 0.0)
+    parts = {
+        "linear": linear, "attention": attn, "forward_other": forward - linear - attn,
+        "lm_head": head, "sample": totals.get("sample", 0.0),
+        "schedule": totals.get("schedule", 0.0),
+    }
+    parts["other"] = totals.get("step", step_s) - sum(parts.values())
+    step = totals.get("step", step_s)
+    shares = {k: round(100 * v / step, 1) for k, v in parts.items()}
+    write_result(args.json, {"benchmark": "profile_step", "batch": batch,
+                             "step_ms": round(1e3 * step, 1), "share_pct": shares})
+    print(f"profile_step: {batch} decodes, step {1e3 * step:.0f} ms: "
+          + ", ".join(f"{k} {v}%" for k, v in shares.items()))
+
+
+if __name__ == "__main__":
+    main()
