@@ -181,7 +181,7 @@ class AsyncLLM:
         try:
             while True:
                 outputs = await self.engine_core.get_output()
-                chunk = 256  # yield to the loop between chunks so consumers keep up
+                chunk = 16  # yield to the loop between chunks: consumers get their tokens sooner
                 for start in range(0, len(outputs.outputs), chunk):
                     processed = self.output_processor.process_outputs(
                         outputs.outputs[start:start + chunk], outputs.timestamp)
