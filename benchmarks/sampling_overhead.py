@@ -80,8 +80,10 @@ def main() -> None:
     from kvflow.model.registry import resolve_model
 
     path = resolve_model(args.model)
+    # No prefix caching: every run re-sends the same prompts, and the later kinds would
+    # otherwise skip their prefills.
     llm = LLM(str(path), max_num_seqs=args.max_num_seqs, kv_cache_memory_gb=2.0,
-              disable_log_stats=True, num_threads=args.num_threads)
+              enable_prefix_caching=False, disable_log_stats=True, num_threads=args.num_threads)
     work = make_workload(llm.get_tokenizer(), args.num_requests, args.seed)
     kinds = ("plain", "penalties", "json")
     for kind in kinds:  # warm-up: first-call costs, the grammar compile, the llguidance tokenizer

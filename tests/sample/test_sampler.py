@@ -11,6 +11,7 @@ from kvflow.sample.logprobs import compute_prompt_logprobs
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import (
     Sampler,
+    _top_k_top_p_sorted,
     apply_logit_controls,
     apply_penalties,
     apply_top_k_top_p,
@@ -341,3 +342,18 @@ def test_cuda_matches_cpu() -> None:
     assert out.logprobs is not None
     torch.testing.assert_close(out.logprobs.logprobs[:, 1:].cpu(),
                                torch.log_softmax(logits, -1).topk(2).values)
+
+
+def test_top_p_candidate_path_matches_sort_path() -> None:
+    """Peaked rows are decided among the best 256 tokens, flat rows fall back to the sort."""
+    generator = torch.Generator().manual_seed(7)
+    scale = torch.tensor([8.0, 8.0, 0.1, 4.0, 8.0, 0.1])[:, None]  # 0.1: nucleus > 256 tokens
+    vocab = 4096
+    logits = torch.randn(6, vocab, generator=generator) * scale
+    top_p = torch.tensor([0.9, 0.5, 0.9, 0.99, 1.0, 0.3])
+    top_ks = torch.tensor([vocab, 40, vocab, 300, 3, 1000])
+    for top_k, max_top_k in [(None, 0), (top_ks, 1000)]:
+        fast = apply_top_k_top_p(logits, top_k, top_p, max_top_k)
+        sort = _top_k_top_p_sorted(logits, top_k, top_p)
+        assert torch.equal(fast > NEG_INF, sort > NEG_INF)
+        torch.testing.assert_close(fast[fast > NEG_INF], logits[fast > NEG_INF])

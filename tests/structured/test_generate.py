@@ -165,9 +165,11 @@ def test_invalid_grammar_is_refused_before_queueing(llm: LLM) -> None:
 
 def test_preemption_keeps_the_grammar_state(llm: LLM, default_model_path: Path) -> None:
     """Recompute after preemption continues each matcher where it was: same tokens as without."""
-    words = r"([a-z]{1,10} ){8}[a-z]{1,10}\."
+    # >= 13 words of >= 4 letters: every request outgrows its first block (16 tokens), so
+    # 5 running requests need 10 blocks of the 5 and preemption must happen.
+    words = r"([a-z]{4,10} ){12}[a-z]{4,10}\."
     params = [
-        SamplingParams(temperature=1.0, seed=50 + i, max_tokens=60,
+        SamplingParams(temperature=1.0, seed=50 + i, max_tokens=70,
                        structured_outputs=StructuredOutputsParams(regex=words))
         for i in range(6)
     ]
