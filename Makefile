@@ -41,6 +41,8 @@ bench: setup
 	$(PY) benchmarks/offline_throughput.py
 	$(PY) benchmarks/async_overhead.py
 	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/sampling_overhead.py
+	$(PY) benchmarks/profile_step.py
 
 lint: setup
 	$(VENV)/bin/ruff check kvflow tests benchmarks

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
+import numpy as np
 import torch
 
 from kvflow.sampling_params import SamplingParams, SamplingType
@@ -35,8 +37,11 @@ class SamplingMetadata:
     # --- logprobs, from the raw logits ---
     max_num_logprobs: int | None  # the batch's largest `logprobs`; rows slice their own k
     # --- penalties ---
-    prompt_token_ids: torch.Tensor | None  # [B, Lp] int64 padded with V (repetition only)
-    output_token_ids: torch.Tensor | None  # [B, Lo] int64 padded with V
+    # Token histories as (row, id) cells, so a penalty touches only what a row has seen
+    # instead of dense [B, V] counts and masks rebuilt every step.
+    seen_cells: CellIndex | None  # distinct cells of prompt + output (repetition only)
+    output_cells: CellIndex | None  # every output token, repeats kept (frequency)
+    output_seen_cells: CellIndex | None  # distinct cells of the output (presence)
     repetition_penalties: torch.Tensor | None  # [B] float32, 1.0 where disabled
     frequency_penalties: torch.Tensor | None  # [B] float32
     presence_penalties: torch.Tensor | None  # [B] float32
@@ -99,12 +104,8 @@ class SamplingMetadata:
             max_num_logprobs=max(
                 (p.logprobs for p in params if p.logprobs is not None), default=None
             ),
-            prompt_token_ids=None if rep is None else _pad(prompt_token_ids, vocab_size, device),
-            output_token_ids=(
-                None
-                if rep is None and freq is None and pres is None
-                else _pad(output_token_ids, vocab_size, device)
-            ),
+            **_history_cells(prompt_token_ids, output_token_ids, rep is not None,
+                             freq is not None, pres is not None, vocab_size, device),
             repetition_penalties=rep,
             frequency_penalties=freq,
             presence_penalties=pres,
@@ -255,11 +256,50 @@ def _min_tokens_cells(
     return (_longs(rows, device), _longs(ids, device)) if rows else None
 
 
-def _pad(token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Right-pad to a [B, L] int64 tensor; pad_id = V lands in a bucket the sampler drops."""
-    width = max((len(t) for t in token_ids), default=0)
-    rows = [list(t) + [pad_id] * (width - len(t)) for t in token_ids]
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width).to(device)
+class _HistoryCells(TypedDict):
+    seen_cells: CellIndex | None
+    output_cells: CellIndex | None
+    output_seen_cells: CellIndex | None
+
+
+def _history_cells(
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    repetition: bool,
+    frequency: bool,
+    presence: bool,
+    vocab_size: int,
+    device: torch.device,
+) -> _HistoryCells:
+    """The (row, token id) cells each penalty needs, flattened with numpy."""
+    cells = _HistoryCells(seen_cells=None, output_cells=None, output_seen_cells=None)
+    if not (repetition or frequency or presence):
+        return cells
+    out_rows, out_ids = _flatten(output_token_ids)
+    out_keys = out_rows * vocab_size + out_ids
+    if frequency:
+        cells["output_cells"] = _to_cells(out_keys, vocab_size, device)
+    if presence:
+        cells["output_seen_cells"] = _to_cells(np.unique(out_keys), vocab_size, device)
+    if repetition:
+        prompt_rows, prompt_ids = _flatten(prompt_token_ids)
+        keys = np.unique(np.concatenate([prompt_rows * vocab_size + prompt_ids, out_keys]))
+        cells["seen_cells"] = _to_cells(keys, vocab_size, device)
+    return cells
+
+
+def _flatten(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Row index and token id of every entry, each [N] int64."""
+    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64,
+                      count=int(lengths.sum()))
+    return np.repeat(np.arange(len(token_ids), dtype=np.int64), lengths), ids
+
+
+def _to_cells(keys: np.ndarray, vocab_size: int, device: torch.device) -> CellIndex:
+    """row * V + id keys → (rows, ids) tensors."""
+    keys_t = torch.from_numpy(keys)
+    return (keys_t // vocab_size).to(device), (keys_t % vocab_size).to(device)
 
 
 def _floats(values: Sequence[float], device: torch.device) -> torch.Tensor:

@@ -78,32 +78,31 @@ def apply_logit_controls(logits: torch.Tensor, md: SamplingMetadata) -> torch.Te
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Repetition, frequency and presence penalties (vLLM / OpenAI semantics)."""
+    """Repetition, frequency and presence penalties (vLLM / OpenAI semantics).
+
+    Each touches only the (row, token) cells the row has seen, in this order: repetition
+    rescales the raw values, then frequency subtracts once per occurrence, then presence
+    once per distinct token.
+    """
     if md.no_penalties:
         return logits
-    assert md.output_token_ids is not None
-    num_rows, vocab_size = logits.shape
-    output_counts = _bin_counts(md.output_token_ids, num_rows, vocab_size)  # [B, V] float
-    in_output = output_counts > 0  # [B, V]
+    logits = logits.clone()  # [B, V]; the caller's tensor stays raw
     if md.repetition_penalties is not None:
-        assert md.prompt_token_ids is not None
-        in_prompt = _bin_counts(md.prompt_token_ids, num_rows, vocab_size) > 0  # [B, V]
-        penalty = md.repetition_penalties.unsqueeze(1)  # [B, 1]
+        assert md.seen_cells is not None
+        rows, ids = md.seen_cells  # [N] each
+        values = logits[rows, ids]  # [N]
+        penalty = md.repetition_penalties[rows]  # [N]
         # Push seen tokens towards "less likely" whatever their sign (HF / vLLM rule).
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # [B, V]
-        logits = torch.where(in_prompt | in_output, penalised, logits)
+        logits[rows, ids] = torch.where(values > 0, values / penalty, values * penalty)
     if md.frequency_penalties is not None:
-        logits = logits - md.frequency_penalties.unsqueeze(1) * output_counts  # [B, V]
+        assert md.output_cells is not None
+        rows, ids = md.output_cells  # [N] each, repeats accumulate: count x penalty
+        logits.index_put_((rows, ids), -md.frequency_penalties[rows], accumulate=True)
     if md.presence_penalties is not None:
-        logits = logits - md.presence_penalties.unsqueeze(1) * in_output  # [B, V]
+        assert md.output_seen_cells is not None
+        rows, ids = md.output_seen_cells  # [N] each
+        logits.index_put_((rows, ids), -md.presence_penalties[rows], accumulate=True)
     return logits
-
-
-def _bin_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> torch.Tensor:
-    """Occurrences of each token id per row; padding (id = V) falls in a dropped last bucket."""
-    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.float32))
-    return counts[:, :vocab_size]  # [B, V]
 
 
 def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

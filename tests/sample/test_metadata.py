@@ -41,7 +41,7 @@ def test_plain_random_batch_pays_nothing() -> None:
     assert md.top_k is None and md.top_p is None and md.min_p is None
     assert md.no_top_k and md.no_top_p and md.no_min_p
     assert md.no_penalties and md.no_logit_controls
-    assert md.prompt_token_ids is None and md.output_token_ids is None
+    assert md.seen_cells is None and md.output_cells is None and md.output_seen_cells is None
     assert md.max_num_logprobs is None
     assert md.temperature is not None and md.temperature.tolist() == [1.0, 0.5]
 
@@ -75,17 +75,21 @@ def test_mixed_batch_fields() -> None:
     assert md.max_num_logprobs == 5
 
 
-def test_penalty_tensors_and_padding() -> None:
+def test_penalty_tensors_and_history_cells() -> None:
     params = [SamplingParams(frequency_penalty=0.5), SamplingParams()]
     md = build(params, outputs=[[4, 4, 5], [6]])
     assert md.frequency_penalties is not None and md.frequency_penalties.tolist() == [0.5, 0.0]
     assert md.presence_penalties is None and md.repetition_penalties is None
-    assert md.prompt_token_ids is None  # only repetition looks at the prompt
-    assert md.output_token_ids is not None
-    assert md.output_token_ids.tolist() == [[4, 4, 5], [6, V, V]]
-    md = build([SamplingParams(repetition_penalty=1.2)], outputs=[[]])
-    assert md.prompt_token_ids is not None and md.prompt_token_ids.tolist() == [[1, 2, 3]]
-    assert md.output_token_ids is not None and md.output_token_ids.shape == (1, 0)
+    assert md.seen_cells is None  # only repetition looks at the prompt
+    assert md.output_cells is not None
+    assert sorted(zip(*(t.tolist() for t in md.output_cells), strict=True)) == [
+        (0, 4), (0, 4), (0, 5), (1, 6)]  # repeats kept: frequency counts them
+    md = build([SamplingParams(presence_penalty=1.0)] * 2, outputs=[[4, 4, 5], []])
+    assert cells(md.output_seen_cells) == {(0, 4), (0, 5)}
+    assert md.output_seen_cells is not None and len(md.output_seen_cells[0]) == 2  # distinct
+    md = build([SamplingParams(repetition_penalty=1.2)], outputs=[[3, 9]])
+    assert md.seen_cells is not None and len(md.seen_cells[0]) == 4  # prompt 1 2 3 + output 9
+    assert cells(md.seen_cells) == {(0, 1), (0, 2), (0, 3), (0, 9)}
 
 
 def test_logit_bias_and_allowed_token_ids() -> None:
