@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -67,6 +68,27 @@ class OutputBridge:
                 self._loop = asyncio.get_running_loop()
                 self._waiter = waiter = self._loop.create_future()
             await waiter
+
+
+# How long an idle OpenMP thread of the engine core spins before it sleeps (libgomp reads
+# this when torch loads, so it is set in the environment the core process starts with).
+# libgomp's default spins for far longer, so between ops the core's threads held every core
+# and the client process waited for a time slice: at 64 streams on 2 cores the median
+# sampling-to-consumer latency went from 2.05 to 1.64 ms with this, at the same throughput.
+_CORE_GOMP_SPINCOUNT = "20000"
+
+
+@contextlib.contextmanager
+def _core_environment() -> Iterator[None]:
+    """Environment for starting the core process; the user's own settings win."""
+    added = "GOMP_SPINCOUNT" not in os.environ
+    if added:
+        os.environ["GOMP_SPINCOUNT"] = _CORE_GOMP_SPINCOUNT
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop("GOMP_SPINCOUNT", None)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -212,7 +234,8 @@ class MPClient(CoreClient):
         )
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self.ctx, self._paths)
         try:
-            self.proc.start()
+            with _core_environment():
+                self.proc.start()
             ready_send.close()
             self._handshake(ready_recv)
         except BaseException:
