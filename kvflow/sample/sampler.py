@@ -154,8 +154,8 @@ def _draw(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 # top-p first looks among this many of a row's most likely tokens (a partial topk, about
-# 20x cheaper than sorting a 49k vocabulary on a CPU); rows whose nucleus does not fit in
-# them fall back to the full sort.
+# 20x cheaper than sorting a 49k vocabulary on a CPU), then among 16x as many for rows whose
+# nucleus did not fit; only rows still undecided fall back to the full sort.
 _TOP_P_CANDIDATES = 256
 
 
@@ -170,10 +170,19 @@ def apply_top_k_top_p(
     if width >= vocab_size:
         return _top_k_top_p_sorted(logits, top_k, top_p)
     kept, resolved = _top_k_top_p_among_best(logits, top_k, top_p, width)
-    if not bool(resolved.all()):
-        rest = (~resolved).nonzero().flatten()  # [R]
-        kept[rest] = _top_k_top_p_sorted(logits[rest], None if top_k is None else top_k[rest],
-                                         top_p[rest])
+    if bool(resolved.all()):
+        return kept
+    rest = (~resolved).nonzero().flatten()  # [R]
+    rest_top_k = None if top_k is None else top_k[rest]
+    wider = 16 * width
+    if wider < vocab_size:  # a flatter row: try its 4096 best before sorting everything
+        kept_rest, resolved_rest = _top_k_top_p_among_best(logits[rest], rest_top_k, top_p[rest],
+                                                           wider)
+        kept[rest] = kept_rest
+        rest, rest_top_k = rest[~resolved_rest], (None if rest_top_k is None
+                                                  else rest_top_k[~resolved_rest])
+    if rest.numel():
+        kept[rest] = _top_k_top_p_sorted(logits[rest], rest_top_k, top_p[rest])
     return kept
 
 

@@ -344,11 +344,12 @@ def test_cuda_matches_cpu() -> None:
                                torch.log_softmax(logits, -1).topk(2).values)
 
 
-def test_top_p_candidate_path_matches_sort_path() -> None:
-    """Peaked rows are decided among the best 256 tokens, flat rows fall back to the sort."""
+@pytest.mark.parametrize("vocab", [4096, 20000])
+def test_top_p_candidate_path_matches_sort_path(vocab: int) -> None:
+    """Peaked rows are decided among the best 256 tokens, wider ones among 4096 (when the
+    vocabulary is larger), flat rows fall back to the sort."""
     generator = torch.Generator().manual_seed(7)
     scale = torch.tensor([8.0, 8.0, 0.1, 4.0, 8.0, 0.1])[:, None]  # 0.1: nucleus > 256 tokens
-    vocab = 4096
     logits = torch.randn(6, vocab, generator=generator) * scale
     top_p = torch.tensor([0.9, 0.5, 0.9, 0.99, 1.0, 0.3])
     top_ks = torch.tensor([vocab, 40, vocab, 300, 3, 1000])
