@@ -79,10 +79,15 @@ def build() -> Path:
     return target
 
 
+def enabled() -> bool:
+    """False when KVFLOW_CPU_KERNELS=0 turns kvflow's CPU fast paths off (C kernels, packing)."""
+    return os.environ.get("KVFLOW_CPU_KERNELS", "1") != "0"
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they are disabled or cannot be built here."""
-    if os.environ.get("KVFLOW_CPU_KERNELS", "1") == "0":
+    if not enabled():
         return None
     try:
         lib = ctypes.CDLL(str(build()))

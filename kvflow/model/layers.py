@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,17 +48,24 @@ class PackedLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def replace_linears_(
+    model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
+) -> None:
+    """Swap every nn.Linear for make(weight, bias), in place (packing, quantization)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                bias = None if child.bias is None else child.bias.data
+                setattr(module, name, make(child.weight.data, bias))
+
+
 def pack_linears_(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of a float32 CPU model by a PackedLinear, in place.
 
     A tied LM head gets its own packed copy (vocab x hidden floats more memory, 113 MB for
     the default model): with 64 sequences it was a fifth of a decode step through F.linear.
     """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                bias = None if child.bias is None else child.bias.data
-                setattr(module, name, PackedLinear(child.weight.data, bias))
+    replace_linears_(model, PackedLinear)
     if hasattr(model, "tied_head") and getattr(model, "lm_head", None) is None:
         embedding = model.get_submodule("model.embed_tokens")
         assert isinstance(embedding, nn.Embedding)

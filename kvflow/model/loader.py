@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from kvflow.errors import ModelLoadError
+from kvflow.model import cpu_kernels
 from kvflow.model.layers import can_pack, pack_linears_
 from kvflow.model.llama import LlamaForCausalLM
 
@@ -99,7 +99,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
         from kvflow.model.quant import quantize_model_
 
         quantize_model_(model, quantization)
-    elif can_pack(device, dtype) and os.environ.get("KVFLOW_CPU_KERNELS", "1") != "0":
+    elif can_pack(device, dtype) and cpu_kernels.enabled():
         pack_linears_(model)
     return model.eval()
 

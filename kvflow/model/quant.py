@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.model.layers import replace_linears_
+
 QUANTIZATION_METHODS = ("int8",)
 
 
@@ -53,11 +55,7 @@ def quantize_model_(model: nn.Module, method: str) -> nn.Module:
     """Replace every nn.Linear in place; a tied LM head gets its own int8 copy."""
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                bias = None if child.bias is None else child.bias.data
-                setattr(module, child_name, Int8Linear(child.weight.data, bias))
+    replace_linears_(model, Int8Linear)
     if getattr(model, "lm_head", None) is None:  # tied: embedding lookups keep the float table
         model.tied_head = Int8Linear(model.model.embed_tokens.weight.data)  # type: ignore
     return model
