@@ -140,7 +140,9 @@ def test_sigterm_with_streams_in_flight(tiny_llama_path: Path) -> None:
         for stream in streams:
             stream.join(timeout=5)
             assert stream.outcome == "abort", stream.outcome  # ended cleanly, not cut off
-        with socket.socket() as sock:  # the port is free again
+        with socket.socket() as sock:  # the port is free again for a new server
+            # as uvicorn binds: closed connections may sit in TIME_WAIT on the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", server.port))
     finally:
         server.kill()
