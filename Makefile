@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Verify and convert the default model once into the cache (fast on later runs).
-# Also build the CPU attention kernel (C, ~1 s); without a compiler the torch path is used.
+# Also build the CPU kernels (C, ~2 s); without a compiler the torch paths are used.
 model: $(STAMP)
 	$(PY) -m kvflow.model.registry
-	$(PY) -m kvflow.model.cpu_kernels || echo "no C compiler: CPU decode attention stays on the torch path"
+	$(PY) -m kvflow.model.cpu_kernels || echo "no C compiler: the CPU paths stay on torch ops"
 
 run: setup
 	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT)
@@ -37,8 +37,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The llama.cpp baselines need llama-cpp-python (the `bench` extra; compiles llama.cpp once,
+# ~20 minutes on 2 cores). Without it the benchmarks skip llama.cpp and say so.
 bench: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -e ".[test,bench]" || \
+		echo "llama-cpp-python did not build: llama.cpp baselines will be skipped"
+	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/single_stream.py
 	$(PY) benchmarks/async_overhead.py
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/sampling_overhead.py

@@ -1,15 +1,18 @@
-"""Offline throughput: kvflow's LLM.generate vs transformers' padded static batches.
+"""Offline throughput: kvflow's LLM.generate against transformers and llama.cpp.
 
 64 requests (fixed seed), prompt lengths 16-512, output lengths 16-256 with ignore_eos,
-default model, greedy. Both run in this invocation on the same requests; the result line
-gives output tokens/s of each and the ratio.
+default model, greedy, float32. In this invocation, on the same requests:
+- transformers `generate` in padded static batches (tokens past a request's length are waste),
+- transformers continuous batching (the engine behind `generate_batch`),
+- llama.cpp (llama-cpp-python, `bench` extra) batching up to --max-num-seqs sequences per
+  llama_decode on the default model's GGUF re-encoded as F32,
+and the roofline (matmul GFLOP/s, bandwidth) measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from common import make_workload, write_result
@@ -31,26 +34,6 @@ def run_kvflow(model: str | None, work, max_num_seqs: int) -> float:
     return produced / elapsed
 
 
-def run_transformers(path: Path, work, batch_size: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    pad = 0
-    t0 = time.perf_counter()
-    useful = 0
-    with torch.inference_mode():
-        for b in range(0, len(work), batch_size):
-            batch = work[b:b + batch_size]
-            longest = max(len(ids) for ids, _ in batch)
-            ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
-            mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
-            max_new = max(n for _, n in batch)
-            model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                           do_sample=False, pad_token_id=pad)
-            useful += sum(n for _, n in batch)  # tokens past a request's own length are waste
-    return useful / (time.perf_counter() - t0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
@@ -59,26 +42,48 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--json", default="benchmarks/results/offline_throughput.json")
     args = parser.parse_args()
 
+    import hf_baselines
+    import llamacpp
+    import roofline
     from transformers import AutoTokenizer
 
-    from kvflow.model.registry import resolve_model
+    from kvflow.model.registry import cache_dir, resolve_model
 
+    torch.set_num_threads(2)
     path = resolve_model(args.model)
     work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, args.seed)
-    ours = run_kvflow(str(path), work, args.max_num_seqs)
-    hf = None if args.skip_hf else run_transformers(path, work, args.hf_batch_size)
+    rates = {"kvflow": run_kvflow(str(path), work, args.max_num_seqs)}
+    if not args.skip_hf:
+        rates["hf_static"] = hf_baselines.static_batches(path, work, args.hf_batch_size)
+        rates["hf_continuous"] = hf_baselines.continuous_batching(path, work)
+    if not args.skip_llamacpp and llamacpp.available() and args.model is None:
+        src = llamacpp.default_gguf()
+        dst = cache_dir() / "bench" / f"{src.stem}.F32.gguf"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        longest = max(len(p) + n for p, n in work)
+        engine = llamacpp.LlamaCpp(llamacpp.write_gguf(src, dst, "F32"),
+                                   max_seqs=args.max_num_seqs, seq_len=longest)
+        rates["llamacpp_batched"] = engine.batched(work)
+        engine.close()
+    limits = roofline.measure(path)
+    ours = rates["kvflow"]
     result = {
         "benchmark": "offline_throughput", "model": path.name, "requests": len(work),
-        "kvflow_tok_s": round(ours, 1), "hf_static_tok_s": hf and round(hf, 1),
-        "ratio_vs_hf_static": hf and round(ours / hf, 2),
+        "output_tokens": sum(n for _, n in work),
+        "tok_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratios": {f"vs_{k}": round(ours / v, 2) for k, v in rates.items() if k != "kvflow"},
+        "roofline": limits,
+        "share_of_compute_roofline": round(ours / limits["compute_bound_tok_s"], 2),
     }
     write_result(args.json, result)
-    hf_part = f"hf static {hf:.1f} tok/s, ratio {ours / hf:.2f}x" if hf else "hf skipped"
-    print(f"offline_throughput: kvflow {ours:.1f} output tok/s, {hf_part} "
-          f"({len(work)} requests, {path.name})")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+    print(f"offline_throughput: output tok/s {parts}; ratios {result['ratios']}; "
+          f"{result['share_of_compute_roofline']:.0%} of the compute roofline "
+          f"({roofline.describe(limits)}); {len(work)} requests, {path.name}")
 
 
 if __name__ == "__main__":

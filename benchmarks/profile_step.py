@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quantization", default=None, choices=[None, "int8"])
     parser.add_argument("--json", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
 
@@ -43,12 +44,15 @@ def main() -> None:
     from kvflow.config import EngineArgs
     from kvflow.engine.llm_engine import LLMEngine
     from kvflow.model import llama
+    from kvflow.model.layers import CpuLinear
+    from kvflow.model.quant import Int8Linear
     from kvflow.model.registry import resolve_model
 
     path = resolve_model(args.model)
     work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, 0)
     engine = LLMEngine.from_engine_args(EngineArgs(
-        model=str(path), max_num_seqs=args.num_requests, disable_log_stats=True))
+        model=str(path), max_num_seqs=args.num_requests, disable_log_stats=True,
+        quantization=args.quantization))
     core = engine.core
     runner = core.runner
     runner.model.forward = labelled("forward", runner.model.forward)
@@ -56,6 +60,9 @@ def main() -> None:
     runner.sampler = labelled("sample", runner.sampler)
     core.scheduler.schedule = labelled("schedule", core.scheduler.schedule)
     llama.paged_attention = labelled("attention", llama.paged_attention)  # torch or C path
+    for module in runner.model.modules():  # C kernels are no torch ops: label their calls
+        if isinstance(module, CpuLinear | Int8Linear):
+            module.forward = labelled("linear", module.forward)  # type: ignore[method-assign]
 
     for i, (ids, n) in enumerate(work):
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -75,8 +82,8 @@ def main() -> None:
                 engine.step()
         step_s = (time.perf_counter() - t0) / args.steps
     totals = {e.key: e.cpu_time_total / 1e6 / args.steps for e in prof.key_averages()}
-    linear = sum(totals.get(k, 0.0) for k in
-                 ("mkldnn::_linear_pointwise", "aten::linear", "aten::_weight_int8pack_mm"))
+    linear = totals.get("linear", 0.0) or sum(
+        totals.get(k, 0.0) for k in ("mkldnn::_linear_pointwise", "aten::linear"))
     head = totals.get("lm_head", 0.0)
     linear -= min(linear, head)  # the head's matmul is counted under lm_head
     forward = totals.get("forward", 0.0)

@@ -29,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.c"
+SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -56,10 +56,8 @@ def build() -> Path:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine(), _cpu_model()])
-        .encode()
-    ).hexdigest()[:16]
+    identity = " ".join([compiler, *FLAGS, platform.machine(), _cpu_model()]).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + identity).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"kvflow_cpu-{key}.so"
     if target.exists():
         return target
@@ -68,10 +66,10 @@ def build() -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed on kvflow/csrc: {result.stderr.strip()}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -92,11 +90,15 @@ def load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU attention kernel unavailable, using the torch path: %s", exc)
+        logger.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None
     fn = lib.kvflow_paged_decode_attention
     fn.argtypes = [_ptr] * 6 + [_i64] * 6 + [_f32, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.kvflow_linear_f32.argtypes = [_ptr] * 4 + [_i64] * 3 + [ctypes.c_int]
+    lib.kvflow_linear_f32.restype = None
+    lib.kvflow_linear_i8.argtypes = [_ptr] * 5 + [_i64] * 3 + [ctypes.c_int]
+    lib.kvflow_linear_i8.restype = ctypes.c_int
     return lib
 
 
@@ -127,6 +129,37 @@ def paged_decode_attention(
     )
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffer")
+    return out
+
+
+def _linear_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor,
+                                                                     torch.Tensor]:
+    lib = load()
+    assert lib is not None, "call only when load() returned the library"
+    assert x.dtype == torch.float32 and weight.is_contiguous()
+    x = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
+    return lib, x, x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] · weight [N, K]ᵀ (+ bias [N]) → [T, N] float32, for few tokens (GEMV)."""
+    lib, x, out = _linear_operands(x, weight)
+    lib.kvflow_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None
+                          else None, out.data_ptr(), *x.shape[:1], *weight.shape,
+                          torch.get_num_threads())
+    return out
+
+
+def linear_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] · (qweight [N, K] int8 · scale [N])ᵀ (+ bias [N]) → [T, N] float32."""
+    lib, x, out = _linear_operands(x, qweight)
+    assert qweight.dtype == torch.int8 and scale.dtype == torch.float32
+    status = lib.kvflow_linear_i8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                                  bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                                  *x.shape[:1], *qweight.shape, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("int8 linear could not allocate its row buffer")
     return out
 
 

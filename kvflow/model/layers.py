@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow.errors import ModelLoadError
+from kvflow.model import cpu_kernels
 
 
 def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -18,40 +19,56 @@ def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+# Token counts up to which the C matrix-vector kernels beat oneDNN here (BENCHMARKS.md).
+GEMV_MAX_TOKENS = 16
+INT8_GEMV_MAX_TOKENS = 64
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether PackedLinear serves this device and dtype (float32 on a CPU with oneDNN)."""
-    return (device.type == "cpu" and dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether CpuLinear serves this device and dtype (float32 on a CPU, kernels on)."""
+    return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.enabled()
 
 
-class PackedLinear(nn.Module):
-    """A float32 CPU linear layer with its weight reordered once into oneDNN's blocked layout.
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, K] · weight [N, K]ᵀ through oneDNN where torch has it (faster than MKL's F.linear
+    at this model's shapes), else F.linear."""
+    if _HAS_ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
-    Stock F.linear (MKL) repacks the weight on every call and is weak at decode batch
-    sizes; the prepacked oneDNN matmul measured 1.3-1.4x faster at this model's shapes at
-    batch 16-64 here (BENCHMARKS.md) and about equal at batch 1.
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                 "_linear_pointwise")
+
+
+class CpuLinear(nn.Module):
+    """A float32 CPU linear layer: kvflow's C matrix-vector kernel for up to GEMV_MAX_TOKENS
+    tokens (decode steps, where the layer is bound by memory bandwidth), oneDNN above.
+
+    The weight stays in its plain [N, K] layout, so the model holds one copy of it. MKL's
+    F.linear reached 15 GB/s at one token here, the C kernel about 25 (BENCHMARKS.md).
     """
-
-    packed: torch.Tensor  # opaque oneDNN layout of the [N, K] weight
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None))
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")  # [T, N]
+        x2 = x.reshape(-1, self.in_features)  # [T, K]
+        if x2.shape[0] <= GEMV_MAX_TOKENS and cpu_kernels.load() is not None:
+            out = cpu_kernels.linear_f32(x2, self.weight, self.bias)
+        else:
+            out = onednn_linear(x2, self.weight, self.bias)  # [T, N]
         return out.reshape(*shape[:-1], self.out_features)
 
 
 def replace_linears_(
     model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 ) -> None:
-    """Swap every nn.Linear for make(weight, bias), in place (packing, quantization)."""
+    """Swap every nn.Linear for make(weight, bias), in place (CPU kernels, quantization)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -60,16 +77,15 @@ def replace_linears_(
 
 
 def pack_linears_(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of a float32 CPU model by a PackedLinear, in place.
+    """Replace every nn.Linear of a float32 CPU model by a CpuLinear, in place.
 
-    A tied LM head gets its own packed copy (vocab x hidden floats more memory, 113 MB for
-    the default model): with 64 sequences it was a fifth of a decode step through F.linear.
+    A tied LM head becomes a CpuLinear over the embedding's own table (no copy).
     """
-    replace_linears_(model, PackedLinear)
+    replace_linears_(model, CpuLinear)
     if hasattr(model, "tied_head") and getattr(model, "lm_head", None) is None:
         embedding = model.get_submodule("model.embed_tokens")
         assert isinstance(embedding, nn.Embedding)
-        model.tied_head = PackedLinear(embedding.weight.data, None)
+        model.tied_head = CpuLinear(embedding.weight.data, None)
     return model
 
 

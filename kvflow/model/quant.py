@@ -2,7 +2,10 @@
 
 Decode on a CPU is bound by memory bandwidth (every weight is read once per step), so
 storing weights in one byte instead of four cuts the bytes moved per token about 4x
-(2x against 16-bit). Matmuls use torch's int8-weight kernel where the device has one.
+(2x against 16-bit). On the CPU, kvflow's C kernel multiplies by the int8 rows directly for
+up to INT8_GEMV_MAX_TOKENS tokens; larger batches (prefill) dequantize the weight and use the
+float matmul, which is compute-bound there anyway. torch's own int8-weight CPU kernel
+(`_weight_int8pack_mm`) measured slower than float32 at every batch size here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.model.layers import replace_linears_
+from kvflow.model import cpu_kernels
+from kvflow.model.layers import INT8_GEMV_MAX_TOKENS, onednn_linear, replace_linears_
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -41,13 +45,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [T, K]
-        if x2.device.type == "cpu":
-            out = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [T, N]
-        else:  # no fused kernel: dequantize on the fly (still saves memory, not time)
+        if (x2.device.type == "cpu" and x2.dtype == torch.float32
+                and x2.shape[0] <= INT8_GEMV_MAX_TOKENS and cpu_kernels.load() is not None):
+            out = cpu_kernels.linear_i8(x2, self.qweight, self.scale, self.bias)  # [T, N]
+        else:  # dequantize on the fly (saves memory, not time)
             weight = self.qweight.to(x2.dtype) * self.scale[:, None].to(x2.dtype)  # [N, K]
-            out = F.linear(x2, weight)
-        if self.bias is not None:
-            out = out + self.bias
+            if x2.device.type == "cpu" and x2.dtype == torch.float32:
+                out = onednn_linear(x2, weight, self.bias)
+            else:
+                out = F.linear(x2, weight, self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
 

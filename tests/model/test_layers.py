@@ -1,4 +1,4 @@
-"""PackedLinear (oneDNN prepacked weights) against nn.Linear and the tied head."""
+"""CpuLinear (C kernel for few tokens, oneDNN for many) against nn.Linear, and the tied head."""
 
 from __future__ import annotations
 
@@ -7,31 +7,49 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from kvflow.model.layers import PackedLinear, can_pack, pack_linears_
+from kvflow.model import cpu_kernels
+from kvflow.model.layers import GEMV_MAX_TOKENS, CpuLinear, can_pack, pack_linears_
 from kvflow.model.llama import LlamaForCausalLM
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
-                                reason="torch built without oneDNN")
+                                reason="CPU kernels switched off")
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 7, 64])
-def test_packed_linear_matches_linear(bias: bool, rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 1, 64])
+@pytest.mark.parametrize("in_features", [96, 101])
+def test_cpu_linear_matches_linear(bias: bool, rows: int, in_features: int) -> None:
+    """Both paths (C kernel up to GEMV_MAX_TOKENS, oneDNN above), including a K that is no
+    multiple of the vector width (tail loops) and token counts off the groups of four."""
     torch.manual_seed(rows)
-    linear = nn.Linear(96, 160, bias=bias)
-    packed = PackedLinear(linear.weight.data, None if linear.bias is None else linear.bias.data)
-    x = torch.randn(rows, 96)
+    linear = nn.Linear(in_features, 160, bias=bias)
+    packed = CpuLinear(linear.weight.data, None if linear.bias is None else linear.bias.data)
+    x = torch.randn(rows, in_features)
     with torch.inference_mode():
         torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packed(x.view(1, rows, 96)), linear(x).view(1, rows, 160),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x.view(1, rows, in_features)),
+                                   linear(x).view(1, rows, 160), atol=1e-5, rtol=1e-5)
+
+
+def test_c_kernel_serves_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    if cpu_kernels.load() is None:
+        pytest.skip("no C compiler here")
+    calls: list[int] = []
+    real = cpu_kernels.linear_f32
+    monkeypatch.setattr(cpu_kernels, "linear_f32",
+                        lambda x, w, b: calls.append(x.shape[0]) or real(x, w, b))
+    layer = CpuLinear(torch.randn(8, 16), None)
+    with torch.inference_mode():
+        layer(torch.randn(GEMV_MAX_TOKENS, 16))
+        layer(torch.randn(GEMV_MAX_TOKENS + 1, 16))
+    assert calls == [GEMV_MAX_TOKENS]
 
 
 def test_pack_linears_replaces_every_linear() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4, bias=False)))
     pack_linears_(model)
     kinds = [type(m) for m in model.modules()]
-    assert nn.Linear not in kinds and kinds.count(PackedLinear) == 2
+    assert nn.Linear not in kinds and kinds.count(CpuLinear) == 2
 
 
 def test_no_packing_off_cpu_float32() -> None:
@@ -39,11 +57,18 @@ def test_no_packing_off_cpu_float32() -> None:
     assert not can_pack(torch.device("cuda"), torch.float32)
 
 
-def test_tied_head_gets_a_packed_copy() -> None:
+def test_no_packing_when_kernels_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVFLOW_CPU_KERNELS", "0")
+    assert not can_pack(torch.device("cpu"), torch.float32)
+
+
+def test_tied_head_reads_the_embedding_table() -> None:
     model = LlamaForCausalLM(tiny_config("llama", "LlamaForCausalLM", tie_word_embeddings=True))
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.inference_mode():
         expected = model.compute_logits(hidden)
         pack_linears_(model)
-        assert isinstance(model.tied_head, PackedLinear)
+        assert isinstance(model.tied_head, CpuLinear)
+        table = model.model.embed_tokens.weight
+        assert model.tied_head.weight.data_ptr() == table.data_ptr()  # no copy
         torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)

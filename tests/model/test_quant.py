@@ -9,16 +9,20 @@ import pytest
 import torch
 from torch import nn
 
+from kvflow.model.layers import INT8_GEMV_MAX_TOKENS
 from kvflow.model.quant import Int8Linear, quantize_int8
 
 
-def test_int8_linear_matches_dequantized_weights() -> None:
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 48, bias=True)
+@pytest.mark.parametrize("rows", [1, 5, INT8_GEMV_MAX_TOKENS, INT8_GEMV_MAX_TOKENS + 1])
+@pytest.mark.parametrize("in_features", [64, 70])
+def test_int8_linear_matches_dequantized_weights(rows: int, in_features: int) -> None:
+    """The C kernel (one token, several tokens) and the dequantizing path above it."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, 48, bias=True)
     q, scale = quantize_int8(linear.weight.data)
     assert q.dtype == torch.int8 and scale.shape == (48,)
     assert (q.float() * scale[:, None] - linear.weight).abs().max() <= scale.max() / 2 + 1e-6
-    x = torch.randn(5, 64)
+    x = torch.randn(rows, in_features)
     expected = x @ (q.float() * scale[:, None]).T + linear.bias
     torch.testing.assert_close(Int8Linear(linear.weight.data, linear.bias.data)(x), expected,
                                atol=1e-4, rtol=1e-4)
