@@ -78,6 +78,7 @@ class EngineArgs:
         model_config = ModelConfig.from_folder(
             model=self.model, path=path, tokenizer=self.tokenizer, dtype=dtype, device=device,
             max_model_len=self.max_model_len, seed=self.seed, max_logprobs=self.max_logprobs,
+            quantization=self.quantization,
         )
         budget = self.max_num_batched_tokens or (4096 if device.type == "cuda" else 1024)
         if not self.enable_chunked_prefill:

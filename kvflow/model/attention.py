@@ -226,8 +226,10 @@ def paged_attention(
     kv_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    cache_written: bool = False,
 ) -> torch.Tensor:
-    """Write the new K/V into the cache, then attend causally within each request.
+    """Write the new K/V into the cache (unless the caller did), then attend causally within
+    each request.
 
     query [T, num_heads, head_dim], key/value [T, num_kv_heads, head_dim] (rotary applied);
     returns [T, num_heads, head_dim].
@@ -235,9 +237,15 @@ def paged_attention(
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, KvH, hd]
     value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, KvH, hd]
-    key_cache.index_copy_(0, metadata.slot_mapping, key)
-    value_cache.index_copy_(0, metadata.slot_mapping, value)
+    if not cache_written:
+        key_cache.index_copy_(0, metadata.slot_mapping, key)
+        value_cache.index_copy_(0, metadata.slot_mapping, value)
 
+    if metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1:
+        # Decodes only, one group in token order: no gather, no scatter.
+        group = metadata.decodes[0]
+        return cpu_kernels.paged_decode_attention(query, kv_cache, group.blocks,
+                                                  group.seq_lens, scale)  # [T, H, hd]
     output = torch.empty_like(query)  # [T, H, hd]
     for span in metadata.prefills:
         output[span.start : span.end] = _prefill_attention(

@@ -99,6 +99,19 @@ def load() -> ctypes.CDLL | None:
     lib.kvflow_linear_f32.restype = None
     lib.kvflow_linear_i8.argtypes = [_ptr] * 5 + [_i64] * 3 + [ctypes.c_int]
     lib.kvflow_linear_i8.restype = ctypes.c_int
+    lib.kvflow_rms_norm.argtypes = [_ptr] * 4 + [_i64] * 2 + [_f32, ctypes.c_int]
+    lib.kvflow_rms_norm.restype = None
+    lib.kvflow_rotary_cache_write.argtypes = [_ptr, _i64, *[_ptr] * 5, *[_i64] * 4,
+                                              ctypes.c_int]
+    lib.kvflow_rotary_cache_write.restype = None
+    lib.kvflow_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
+    lib.kvflow_silu_mul.restype = None
+    return lib
+
+
+def _lib() -> ctypes.CDLL:
+    lib = load()
+    assert lib is not None, "call only when load() returned the library"
     return lib
 
 
@@ -113,8 +126,7 @@ def paged_decode_attention(
 
     block_tables [D, W] and seq_lens [D] are int64; every tensor is float32 on the CPU.
     """
-    lib = load()
-    assert lib is not None, "call only when load() returned the library"
+    lib = _lib()
     query = query.contiguous()
     assert kv_cache.is_contiguous() and kv_cache.dtype == torch.float32 == query.dtype
     assert block_tables.dtype == torch.int64 == seq_lens.dtype
@@ -134,8 +146,7 @@ def paged_decode_attention(
 
 def _linear_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor,
                                                                      torch.Tensor]:
-    lib = load()
-    assert lib is not None, "call only when load() returned the library"
+    lib = _lib()
     assert x.dtype == torch.float32 and weight.is_contiguous()
     x = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
     return lib, x, x.new_empty(x.shape[0], weight.shape[0])
@@ -160,6 +171,42 @@ def linear_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                                   *x.shape[:1], *qweight.shape, torch.get_num_threads())
     if status != 0:
         raise MemoryError("int8 linear could not allocate its row buffer")
+    return out
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """RMSNorm of x [T, H] (or of residual += x, in place, when a residual is given)."""
+    assert x.is_contiguous() and x.dtype == torch.float32
+    assert residual is None or residual.is_contiguous()
+    out = torch.empty_like(x)
+    _lib().kvflow_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                           weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                           torch.get_num_threads())
+    return out
+
+
+def rotary_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> None:
+    """Rotate the q and k parts of fused qkv rows [T, (H + 2 KvH) hd] in place by the cos/sin
+    tables [T, hd], then write k and v into their slots of the cache [2, NB, bs, KvH, hd]."""
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
+    assert cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    _lib().kvflow_rotary_cache_write(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), qkv.shape[0], num_heads, num_kv_heads,
+        head_dim, torch.get_num_threads())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over rows [T, 2 I] = [gate | up] → [T, I]."""
+    assert gate_up.is_contiguous() and gate_up.dtype == torch.float32
+    tokens, width = gate_up.shape
+    out = gate_up.new_empty(tokens, width // 2)
+    _lib().kvflow_silu_mul(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2,
+                           torch.get_num_threads())
     return out
 
 

@@ -76,31 +76,50 @@ def replace_linears_(
                 setattr(module, name, make(child.weight.data, bias))
 
 
-def pack_linears_(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of a float32 CPU model by a CpuLinear, in place.
+def use_cpu_kernels_(model: nn.Module) -> nn.Module:
+    """Switch a float32 CPU model onto kvflow's C kernels, in place.
 
-    A tied LM head becomes a CpuLinear over the embedding's own table (no copy).
+    Every nn.Linear becomes a CpuLinear; a tied LM head becomes a CpuLinear over the
+    embedding's own table (no copy); RMSNorm and the gated MLP's SiLU-and-multiply become
+    single fused calls. (Rotary embedding, the cache write and decode attention take the C
+    path from the attention metadata, which the runner builds.)
     """
-    replace_linears_(model, CpuLinear)
-    if hasattr(model, "tied_head") and getattr(model, "lm_head", None) is None:
+    replace_linears_(model, CpuLinear)  # (int8 layers of a quantized model stay)
+    tied = getattr(model, "lm_head", 0) is None and getattr(model, "tied_head", 0) is None
+    if tied:
         embedding = model.get_submodule("model.embed_tokens")
         assert isinstance(embedding, nn.Embedding)
         model.tied_head = CpuLinear(embedding.weight.data, None)
+    fused = cpu_kernels.load() is not None  # else no compiler here: torch ops stay
+    for module in model.modules():
+        if isinstance(module, RMSNorm | GatedMLP):
+            module.cpu_kernels = fused
     return model
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 like the reference."""
+    """Root-mean-square layer norm, computed in float32 like the reference.
+
+    With a residual, the residual stream is updated first (residual + x) and the sum is
+    normalized; forward returns (normalized, residual stream) either way.
+    """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.cpu_kernels = False  # set by use_cpu_kernels_: one fused C call (in place)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cpu_kernels:
+            out = cpu_kernels.rms_norm(x, residual, self.weight, self.eps)  # residual += x
+            return out, x if residual is None else residual
+        if residual is not None:
+            x = x + residual
         x32 = x.float()  # [T, hidden]
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.to(x.dtype), x
 
 
 class GatedMLP(nn.Module):
@@ -111,9 +130,12 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = linear(hidden_size, 2 * intermediate_size, bias)
         self.down_proj = linear(intermediate_size, hidden_size, bias)
+        self.cpu_kernels = False  # set by use_cpu_kernels_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.cpu_kernels:
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))  # [T, hidden]
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, intermediate] each
         return self.down_proj(F.silu(gate) * up)  # [T, hidden]
 

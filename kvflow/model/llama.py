@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow.errors import ModelLoadError
+from kvflow.model import cpu_kernels
 from kvflow.model.attention import AttentionMetadata, paged_attention
 from kvflow.model.layers import (
     GatedMLP,
@@ -82,12 +83,18 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        if metadata.cpu_kernel:  # rotary in place and the cache write: one C call
+            cos, sin = rotary
+            cpu_kernels.rotary_cache_write(qkv, cos, sin, kv_cache, metadata.slot_mapping,
+                                           self.num_heads)
         q, k, v = qkv.split(self.shard_sizes(), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, hd]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KvH, hd]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KvH, hd]
-        q, k = apply_rotary(q, k, *rotary)
-        out = paged_attention(q, k, v, kv_cache, metadata, self.scale)  # [T, H, hd]
+        if not metadata.cpu_kernel:
+            q, k = apply_rotary(q, k, *rotary)
+        out = paged_attention(q, k, v, kv_cache, metadata, self.scale,
+                              cache_written=metadata.cpu_kernel)  # [T, H, hd]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
 
@@ -107,12 +114,17 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         rotary: tuple[torch.Tensor, ...],
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [T, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, residual stream before it); the next layer (or the final
+        norm) adds the two. The residual is None for the first layer."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual  # [T, hidden] each
 
 
 class LlamaModel(nn.Module):
@@ -136,9 +148,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         rotary = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, hd] each
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rotary, kv_cache, metadata)
-        return self.norm(hidden)  # [T, hidden]
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
+        return self.norm(hidden, residual)[0]  # [T, hidden]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -162,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
             else linear(config.hidden_size, config.vocab_size, False)
         )
         # A tied head's own copy in a faster format (int8, oneDNN-packed), set by
-        # kvflow.model.quant or pack_linears_; the embedding keeps the float table.
+        # kvflow.model.quant or use_cpu_kernels_; the embedding keeps the float table.
         self.tied_head: nn.Module | None = None
 
     def forward(

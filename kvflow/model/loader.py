@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from kvflow.errors import ModelLoadError
-from kvflow.model import cpu_kernels
-from kvflow.model.layers import can_pack, pack_linears_
+from kvflow.model.layers import can_pack, use_cpu_kernels_
 from kvflow.model.llama import LlamaForCausalLM
 
 # config.architectures[0] -> model factory. Mistral is Llama without sliding windows;
@@ -99,8 +98,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
         from kvflow.model.quant import quantize_model_
 
         quantize_model_(model, quantization)
-    elif can_pack(device, dtype) and cpu_kernels.enabled():
-        pack_linears_(model)
+    if can_pack(device, dtype):
+        use_cpu_kernels_(model)
     return model.eval()
 
 

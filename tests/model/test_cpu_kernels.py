@@ -1,4 +1,5 @@
-"""The C decode-attention kernel against plain attention, and its build and fallback."""
+"""The C kernels against torch references (attention, linear, norm, SiLU, rotary), their build
+and fallback."""
 
 from __future__ import annotations
 
@@ -69,3 +70,67 @@ def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path) -> None:
         assert cpu_kernels.load() is None
     finally:
         cpu_kernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(tokens: int, with_residual: bool) -> None:
+    torch.manual_seed(tokens)
+    x, weight = torch.randn(tokens, 100), torch.randn(100)
+    residual = torch.randn(tokens, 100) if with_residual else None
+    source = x + residual if residual is not None else x
+    expected = weight * source * torch.rsqrt(source.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = cpu_kernels.rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if residual is not None:
+        torch.testing.assert_close(residual, source)  # the stream was updated in place
+
+
+@pytest.mark.parametrize("width", [3, 64, 101])
+def test_silu_mul_matches_torch(width: int) -> None:
+    """Vector lanes and the scalar tail; extreme inputs saturate instead of overflowing."""
+    torch.manual_seed(width)
+    gate_up = torch.randn(4, 2 * width) * 8
+    gate_up[0, :width] = torch.linspace(-200, 200, width)
+    gate, up = gate_up.split(width, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_cache_write_matches_torch() -> None:
+    from kvflow.model.layers import RotaryEmbedding, apply_rotary
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, tokens, block_size = 6, 2, 16, 5, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor([0, 1, 7, 30, 31])
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, None)(positions, torch.float32)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q_ref, k_ref = apply_rotary(q.reshape(tokens, heads, head_dim),
+                                k.reshape(tokens, kv_heads, head_dim), cos, sin)
+    v_ref = v.reshape(tokens, kv_heads, head_dim).clone()
+    cache = torch.full((2, 8, block_size, kv_heads, head_dim), float("nan"))
+    slots = torch.tensor([3, 9, 0, 31, 17])
+    cpu_kernels.rotary_cache_write(qkv, cos, sin, cache, slots, heads)
+    torch.testing.assert_close(q.reshape(tokens, heads, head_dim), q_ref)  # rotated in place
+    torch.testing.assert_close(k.reshape(tokens, kv_heads, head_dim), k_ref)
+    flat = cache.view(2, -1, kv_heads, head_dim)
+    torch.testing.assert_close(flat[0, slots], k_ref)
+    torch.testing.assert_close(flat[1, slots], v_ref)
+    untouched = torch.ones(flat.shape[1], dtype=torch.bool)
+    untouched[slots] = False
+    assert flat[:, untouched].isnan().all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9])
+def test_linear_kernels_match_torch(tokens: int) -> None:
+    from kvflow.model.quant import quantize_int8
+
+    torch.manual_seed(tokens)
+    x, weight, bias = torch.randn(tokens, 70), torch.randn(33, 70), torch.randn(33)
+    torch.testing.assert_close(cpu_kernels.linear_f32(x, weight, bias),
+                               torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+    q, scale = quantize_int8(weight)
+    expected = torch.nn.functional.linear(x, q.float() * scale[:, None])
+    torch.testing.assert_close(cpu_kernels.linear_i8(x, q, scale, None), expected,
+                               atol=1e-4, rtol=1e-4)

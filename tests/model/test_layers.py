@@ -8,7 +8,7 @@ from conftest import tiny_config
 from torch import nn
 
 from kvflow.model import cpu_kernels
-from kvflow.model.layers import GEMV_MAX_TOKENS, CpuLinear, can_pack, pack_linears_
+from kvflow.model.layers import GEMV_MAX_TOKENS, CpuLinear, can_pack, use_cpu_kernels_
 from kvflow.model.llama import LlamaForCausalLM
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
@@ -47,7 +47,7 @@ def test_c_kernel_serves_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pack_linears_replaces_every_linear() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4, bias=False)))
-    pack_linears_(model)
+    use_cpu_kernels_(model)
     kinds = [type(m) for m in model.modules()]
     assert nn.Linear not in kinds and kinds.count(CpuLinear) == 2
 
@@ -67,7 +67,7 @@ def test_tied_head_reads_the_embedding_table() -> None:
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.inference_mode():
         expected = model.compute_logits(hidden)
-        pack_linears_(model)
+        use_cpu_kernels_(model)
         assert isinstance(model.tied_head, CpuLinear)
         table = model.model.embed_tokens.weight
         assert model.tied_head.weight.data_ptr() == table.data_ptr()  # no copy

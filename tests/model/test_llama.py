@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import hf_logits, new_kv_caches, run_full_prompt
 
+from kvflow.model import cpu_kernels
 from kvflow.model.attention import build_attention_metadata
 from kvflow.model.llama import LlamaForCausalLM
 from kvflow.model.loader import load_model
@@ -56,7 +57,8 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size: int) -> None:
+def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size: int,
+                  cpu_kernel: bool = False) -> None:
     """Drive the model step by step like the engine: flat new tokens of all requests."""
     caches = new_kv_caches(model, num_blocks=64, block_size=block_size)
     for step in range(max(len(s.schedule) for s in sequences)):
@@ -70,7 +72,7 @@ def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size
             [torch.arange(s.done, end) for s, end in zip(active, seq_lens, strict=True)]
         )
         metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_table for s in active], block_size, CPU
+            query_lens, seq_lens, [s.block_table for s in active], block_size, CPU, cpu_kernel
         )
         with torch.inference_mode():
             logits = model.compute_logits(model(input_ids, positions, caches, metadata))
@@ -79,10 +81,15 @@ def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size
             s.done += chunk.shape[0]
 
 
+@pytest.mark.parametrize("cpu_kernel", [False, True])
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_chunked_prefill_and_decodes_match_full_forward(
-    fixture: str, request: pytest.FixtureRequest
+    fixture: str, cpu_kernel: bool, request: pytest.FixtureRequest
 ) -> None:
+    """Against one torch-path prefill; with cpu_kernel, rotary, the cache write and decode
+    attention run in C (mixed steps, and decode-only steps that skip the gather)."""
+    if cpu_kernel and cpu_kernels.load() is None:
+        pytest.skip("no C compiler here")
     model = load_model(request.getfixturevalue(fixture), torch.float32, CPU)
     rng = random.Random(0)
     block_size = 4
@@ -100,7 +107,7 @@ def test_chunked_prefill_and_decodes_match_full_forward(
         needed = -(-len(s.tokens) // block_size)
         s.block_table, blocks = blocks[:needed], blocks[needed:]
 
-    _run_schedule(model, sequences, block_size)
+    _run_schedule(model, sequences, block_size, cpu_kernel)
     for s in sequences:
         expected = run_full_prompt(model, s.tokens, block_size=block_size)
         torch.testing.assert_close(torch.cat(s.logits), expected, atol=1e-4, rtol=1e-4)

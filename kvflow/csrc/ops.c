@@ -1,0 +1,121 @@
+/* The small per-token operations of a decoder layer, fused, for the CPU float32 path.
+ *
+ * In eager PyTorch, RMSNorm, rotary embedding, the KV cache write and SiLU-and-multiply
+ * are some forty tensor operations per layer, each costing microseconds of dispatch
+ * however few tokens there are: at one decode token they took more time than the
+ * layer's arithmetic. Each function below is one call instead. Work is split over tokens.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* out = rms_norm(x) * weight, rows of H. With a residual: residual += x first, and the sum
+ * is normalized (the residual stream of the next sub-layer). Matches the float32 reference:
+ * x * rsqrt(mean(x^2) + eps) * weight. */
+void kvflow_rms_norm(const float *x, float *residual, const float *weight, float *out,
+                     int64_t T, int64_t H, float eps, int num_threads)
+{
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * H;
+        float *src = (float *)xt;
+        if (residual) {
+            src = residual + t * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; ++i)
+                src[i] += xt[i];
+        }
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < H; ++i)
+            squares += src[i] * src[i];
+        const float inv = 1.f / sqrtf(squares / (float)H + eps);
+        float *o = out + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i)
+            o[i] = weight[i] * (src[i] * inv);
+    }
+}
+
+/* Half-split (GPT-NeoX) rotation of one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). */
+static inline void rotate(float *x, const float *cos, const float *sin, int64_t half)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+/* Rotate the q and k heads of each token's fused qkv row [q (H*hd) | k (KvH*hd) | v] in
+ * place by its cos/sin row [hd], then store k and v in the cache slot `slots[t]`
+ * (key/value caches [num_slots, KvH, hd]). */
+void kvflow_rotary_cache_write(float *qkv, int64_t row_stride, const float *cos,
+                               const float *sin, float *key_cache, float *value_cache,
+                               const int64_t *slots, int64_t T, int64_t H, int64_t KvH,
+                               int64_t hd, int num_threads)
+{
+    const int64_t half = hd / 2, kv = KvH * hd;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+        float *q = qkv + t * row_stride, *k = q + H * hd, *v = k + kv;
+        const float *c = cos + t * hd, *s = sin + t * hd;
+        for (int64_t h = 0; h < H; ++h)
+            rotate(q + h * hd, c, s, half);
+        for (int64_t h = 0; h < KvH; ++h)
+            rotate(k + h * hd, c, s, half);
+        memcpy(key_cache + slots[t] * kv, k, (size_t)kv * sizeof(float));
+        memcpy(value_cache + slots[t] * kv, v, (size_t)kv * sizeof(float));
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* e^x for 8 floats (libm's expf does not vectorize without -ffast-math): x = n ln2 + r
+ * with ln2 split in two (Cody-Waite), e^r by a degree-6 polynomial (Cephes expf's
+ * coefficients), 2^n built in the exponent bits. About 1 ulp over the float range. */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+static void silu_mul_row(const float *g, const float *u, float *o, int64_t n)
+{
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; ++i)
+        o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+/* out[t, i] = silu(gate[t, i]) * up[t, i] over rows [gate (I) | up (I)]. */
+void kvflow_silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, int num_threads)
+{
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T * I > 8192)
+    for (int64_t t = 0; t < T; ++t)
+        silu_mul_row(gate_up + t * 2 * I, gate_up + t * 2 * I + I, out + t * I, I);
+}
