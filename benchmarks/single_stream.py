@@ -60,10 +60,11 @@ def run_kvflow(path: Path, prompts: dict[int, list[int]], tokens: int, repeats: 
 
 def bare_forward_ms(path: Path, prompt: list[int], repeats: int) -> float:
     """kvflow's model alone over one prompt: forward + logits of the last token."""
+    from kvflow.model import hugepages
     from kvflow.model.attention import build_attention_metadata, kv_cache_shape
     from kvflow.model.loader import load_model
 
-    model = load_model(path, torch.float32, torch.device("cpu"))
+    model = hugepages.move_to_hugepages_(load_model(path, torch.float32, torch.device("cpu")))
     block = 16
     blocks = -(-len(prompt) // block)
     shape = kv_cache_shape(blocks, block, model.num_kv_heads, model.head_dim)
@@ -73,7 +74,7 @@ def bare_forward_ms(path: Path, prompt: list[int], repeats: int) -> float:
     def once() -> float:
         t0 = time.perf_counter()
         metadata = build_attention_metadata([len(prompt)], [len(prompt)], [list(range(blocks))],
-                                            block, torch.device("cpu"))
+                                            block, torch.device("cpu"), cpu_kernel=True)
         with torch.inference_mode():
             hidden = model(ids, positions, caches, metadata)
             model.compute_logits(hidden[-1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import SchedulerOutput, StepResult
 from kvflow.engine.protocol import LogprobsLists
-from kvflow.model import cpu_kernels
+from kvflow.model import cpu_kernels, hugepages
 from kvflow.model.attention import (
     build_attention_metadata,
     kv_cache_bytes_per_block,
@@ -45,10 +46,14 @@ class ModelRunner:
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
         # one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [
-            torch.zeros(shape, dtype=mc.dtype, device=mc.device)
-            for _ in range(self.model.num_layers)
-        ]
+        if self.device.type == "cpu":  # weights and cache in huge pages, loading's leftovers freed
+            hugepages.move_to_hugepages_(self.model)
+            self.kv_caches = [hugepages.zeros(math.prod(shape), mc.dtype).view(shape)
+                              for _ in range(self.model.num_layers)]
+            hugepages.release_freed_memory()
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=mc.device)
+                              for _ in range(self.model.num_layers)]
         self.sampler = Sampler()
         # Decode attention in C on the CPU (float32 only), else the pure-torch path.
         self.cpu_kernel = (self.device.type == "cpu" and self.dtype == torch.float32
