@@ -131,6 +131,24 @@ def test_linear_kernels_match_torch(tokens: int) -> None:
     torch.testing.assert_close(cpu_kernels.linear_f32(x, weight, bias),
                                torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
     q, scale = quantize_int8(weight)
+    # K = 70 is no multiple of 32: int8 weights meet float activations, exactly.
     expected = torch.nn.functional.linear(x, q.float() * scale[:, None])
     torch.testing.assert_close(cpu_kernels.linear_i8(x, q, scale, None), expected,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int8_kernel_quantizes_activations_in_blocks(tokens: int) -> None:
+    """K a multiple of 32 takes the integer path (activations in int8 blocks of 32 with
+    their own scales, as llama.cpp's q8_0): within about a percent of the float product, and
+    an outlier in one block does not cost the other blocks their precision."""
+    from kvflow.model.quant import quantize_int8
+
+    torch.manual_seed(tokens)
+    x, weight, bias = torch.randn(tokens, 576), torch.randn(96, 576) / 24, torch.randn(96)
+    x[:, 5] = 50.0  # an outlier in the first block only
+    q, scale = quantize_int8(weight)
+    expected = torch.nn.functional.linear(x, q.float() * scale[:, None], bias)
+    out = cpu_kernels.linear_i8(x, q, scale, bias)
+    # One scale per row would put every value on a grid of 50/127 (~5% error here).
+    assert ((out - expected).norm() / expected.norm()).item() < 0.02

@@ -16,7 +16,9 @@ from kvflow.model.quant import Int8Linear, quantize_int8
 @pytest.mark.parametrize("rows", [1, 5, INT8_GEMV_MAX_TOKENS, INT8_GEMV_MAX_TOKENS + 1])
 @pytest.mark.parametrize("in_features", [64, 70])
 def test_int8_linear_matches_dequantized_weights(rows: int, in_features: int) -> None:
-    """The C kernel (one token, several tokens) and the dequantizing path above it."""
+    """The C kernel (one token, several tokens) and the dequantizing path above it. With K a
+    multiple of 32 the kernel also quantizes activations (int8 blocks of 32, as llama.cpp's
+    q8_0 does), hence the looser bound there."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, 48, bias=True)
     q, scale = quantize_int8(linear.weight.data)
@@ -24,8 +26,11 @@ def test_int8_linear_matches_dequantized_weights(rows: int, in_features: int) ->
     assert (q.float() * scale[:, None] - linear.weight).abs().max() <= scale.max() / 2 + 1e-6
     x = torch.randn(rows, in_features)
     expected = x @ (q.float() * scale[:, None]).T + linear.bias
-    torch.testing.assert_close(Int8Linear(linear.weight.data, linear.bias.data)(x), expected,
-                               atol=1e-4, rtol=1e-4)
+    out = Int8Linear(linear.weight.data, linear.bias.data)(x)
+    if in_features % 32 == 0 and rows <= INT8_GEMV_MAX_TOKENS:
+        assert ((out - expected).norm() / expected.norm()).item() < 0.02
+    else:
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 def perplexity(llm, text_ids: list[int]) -> float:
