@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -106,6 +107,9 @@ def load() -> ctypes.CDLL | None:
     lib.kvflow_rotary_cache_write.restype = None
     lib.kvflow_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
     lib.kvflow_silu_mul.restype = None
+    lib.kvflow_decode_layer.argtypes = [_ptr, _ptr, _f32, _f32, *[_ptr] * 9, _i64, _i64, _i64,
+                                        _ptr, ctypes.c_int]
+    lib.kvflow_decode_layer.restype = ctypes.c_int
     return lib
 
 
@@ -208,6 +212,47 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _lib().kvflow_silu_mul(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2,
                            torch.get_num_threads())
     return out
+
+
+class DecodeLayer:
+    """The fixed arguments of kvflow_decode_layer for one decoder layer: weight pointers
+    (norms, then weight/scale/bias of qkv, o, gate_up, down) and dimensions.
+
+    The pointers are read once: the weights must not move afterwards (callers rebuild when
+    the first weight's address changes).
+    """
+
+    def __init__(self, norms: tuple[torch.Tensor, torch.Tensor],
+                 projections: Sequence[tuple[torch.Tensor, torch.Tensor | None,
+                                             torch.Tensor | None]],
+                 dims: tuple[int, int, int, int, int], eps: float, scale: float) -> None:
+        int8 = projections[0][1] is not None
+        tensors = [*norms, *(t for proj in projections for t in proj)]
+        for t in tensors:
+            assert t is None or t.is_contiguous()
+        self.pointers = (ctypes.c_void_p * len(tensors))(
+            *(None if t is None else t.data_ptr() for t in tensors))
+        self.dims = (ctypes.c_int64 * 6)(*dims, int(int8))
+        self.eps, self.scale = eps, scale
+        hidden, heads, kv_heads, head_dim, inter = dims
+        self.scratch_per_token = hidden + (3 * heads + 2 * kv_heads) * head_dim + 3 * inter
+        self.address = projections[0][0].data_ptr()
+
+
+def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scratch: torch.Tensor) -> None:
+    """One decoder layer over T decode tokens [T, hidden], in place: residual += hidden (the
+    layer's input) ... hidden = the layer's MLP output. See csrc/decode_layer.c."""
+    status = _lib().kvflow_decode_layer(
+        layer.pointers, layer.dims, layer.eps, layer.scale, hidden.data_ptr(),
+        residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+        block_tables.shape[1], kv_cache.shape[2], hidden.shape[0], scratch.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("a decode layer kernel could not allocate its buffers")
 
 
 if __name__ == "__main__":

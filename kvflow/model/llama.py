@@ -17,6 +17,9 @@ from kvflow.errors import ModelLoadError
 from kvflow.model import cpu_kernels
 from kvflow.model.attention import AttentionMetadata, paged_attention
 from kvflow.model.layers import (
+    GEMV_MAX_TOKENS,
+    INT8_GEMV_MAX_TOKENS,
+    CpuLinear,
     GatedMLP,
     RMSNorm,
     RotaryEmbedding,
@@ -24,6 +27,7 @@ from kvflow.model.layers import (
     linear,
     rope_parameters,
 )
+from kvflow.model.quant import Int8Linear
 
 # Checkpoint projection name -> (fused parameter name, shard index inside it).
 _FUSED_SHARDS = {
@@ -138,6 +142,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), *rope_parameters(config))
+        self._c_layers: list[cpu_kernels.DecodeLayer] | None = None  # see _c_decode_layers
 
     def forward(
         self,
@@ -148,10 +153,63 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         rotary = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, hd] each
+        c_layers = self._c_decode_layers(metadata)
+        if c_layers is not None:
+            return self._decode_in_c(c_layers, hidden, rotary, kv_caches, metadata)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
         return self.norm(hidden, residual)[0]  # [T, hidden]
+
+
+    def _c_decode_layers(self, metadata: AttentionMetadata) -> list[cpu_kernels.DecodeLayer] | None:
+        """Whole-layer C calls serve this step: decodes only, few enough tokens, every layer
+        on the CPU kernels (float32 or int8 projections). Built once, rebuilt if weights move."""
+        if not (metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1
+                and self.norm.cpu_kernels):
+            return None
+        first = self.layers[0]
+        assert isinstance(first, LlamaDecoderLayer)
+        attn = first.self_attn
+        kind = type(attn.qkv_proj)
+        limit = {CpuLinear: GEMV_MAX_TOKENS, Int8Linear: INT8_GEMV_MAX_TOKENS}.get(kind, 0)
+        if metadata.num_tokens > limit:
+            return None
+        if self._c_layers is None or self._c_layers[0].address != _weight_of(attn.qkv_proj):
+            self._c_layers = [self._c_layer(layer) for layer in self.layers]  # type: ignore[arg-type]
+        return self._c_layers
+
+    @staticmethod
+    def _c_layer(layer: LlamaDecoderLayer) -> cpu_kernels.DecodeLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        if len({type(p) for p in projections}) != 1:
+            raise ValueError("decode layer kernel needs one kind of projection per layer")
+        parts = [(p.qweight, p.scale, p.bias) if isinstance(p, Int8Linear)
+                 else (p.weight, None, p.bias) for p in projections]
+        dims = (attn.o_proj.out_features, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                mlp.intermediate_size)
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        return cpu_kernels.DecodeLayer(norms, parts, dims, layer.input_layernorm.eps, attn.scale)
+
+    def _decode_in_c(self, c_layers: list[cpu_kernels.DecodeLayer], hidden: torch.Tensor,
+                     rotary: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor],
+                     metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden.contiguous()  # [T, hidden], overwritten by each layer's output
+        residual = torch.zeros_like(hidden)  # the residual stream, accumulated in place
+        cos, sin = rotary
+        group = metadata.decodes[0]
+        scratch = hidden.new_empty(hidden.shape[0] * c_layers[0].scratch_per_token)
+        for layer, kv_cache in zip(c_layers, kv_caches, strict=True):
+            cpu_kernels.decode_layer(layer, hidden, residual, cos, sin, kv_cache,
+                                     metadata.slot_mapping, group.blocks, group.seq_lens, scratch)
+        return self.norm(hidden, residual)[0]  # [T, hidden]
+
+
+def _weight_of(projection: nn.Module) -> int:
+    weight = projection.qweight if isinstance(projection, Int8Linear) else projection.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.data_ptr()
 
 
 class LlamaForCausalLM(nn.Module):

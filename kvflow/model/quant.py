@@ -5,8 +5,9 @@ storing weights in one byte instead of four cuts the bytes moved per token about
 (2x against 16-bit). On the CPU, kvflow's C kernel multiplies by the int8 rows directly for
 up to INT8_GEMV_MAX_TOKENS tokens (with AVX2 it quantizes activations into int8 blocks of 32,
 as llama.cpp's q8_0 does, and multiplies in integers); larger batches (prefill) dequantize
-the weight and use the float matmul, which is compute-bound there anyway. torch's own int8-weight CPU kernel
-(`_weight_int8pack_mm`) measured slower than float32 at every batch size here.
+the weight and use the float matmul, which is compute-bound there anyway. torch's own
+int8-weight CPU kernel (`_weight_int8pack_mm`) measured slower than float32 at every batch
+size here.
 """
 
 from __future__ import annotations

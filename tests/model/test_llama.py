@@ -81,16 +81,22 @@ def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size
             s.done += chunk.shape[0]
 
 
-@pytest.mark.parametrize("cpu_kernel", [False, True])
+@pytest.mark.parametrize(("cpu_kernel", "quantization"),
+                         [(False, None), (True, None), (True, "int8")])
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_chunked_prefill_and_decodes_match_full_forward(
-    fixture: str, cpu_kernel: bool, request: pytest.FixtureRequest
+    fixture: str, cpu_kernel: bool, quantization: str | None, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Against one torch-path prefill; with cpu_kernel, rotary, the cache write and decode
-    attention run in C (mixed steps, and decode-only steps that skip the gather)."""
+    attention run in C (mixed steps), and decode-only steps run each layer as one C call."""
     if cpu_kernel and cpu_kernels.load() is None:
         pytest.skip("no C compiler here")
-    model = load_model(request.getfixturevalue(fixture), torch.float32, CPU)
+    layer_calls: list[int] = []
+    real = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer",
+                        lambda *a: layer_calls.append(a[1].shape[0]) or real(*a))
+    model = load_model(request.getfixturevalue(fixture), torch.float32, CPU, quantization)
     rng = random.Random(0)
     block_size = 4
     sequences = [
@@ -111,3 +117,9 @@ def test_chunked_prefill_and_decodes_match_full_forward(
     for s in sequences:
         expected = run_full_prompt(model, s.tokens, block_size=block_size)
         torch.testing.assert_close(torch.cat(s.logits), expected, atol=1e-4, rtol=1e-4)
+    steps = [[x.schedule[i] for x in sequences if i < len(x.schedule) and x.schedule[i]]
+             for i in range(max(len(x.schedule) for x in sequences))]
+    decode_only = [len(step) for step in steps if set(step) == {1}]
+    assert decode_only  # the schedule has decode-only steps
+    expected_calls = [n for n in decode_only for _ in range(model.num_layers)]
+    assert layer_calls == (expected_calls if cpu_kernel else [])
