@@ -3,8 +3,9 @@
 Decode on a CPU is bound by memory bandwidth (every weight is read once per step), so
 storing weights in one byte instead of four cuts the bytes moved per token about 4x
 (2x against 16-bit). On the CPU, kvflow's C kernel multiplies by the int8 rows directly for
-up to INT8_GEMV_MAX_TOKENS tokens (with AVX2 it quantizes activations into int8 blocks of 32,
-as llama.cpp's q8_0 does, and multiplies in integers); larger batches (prefill) dequantize
+up to INT8_GEMV_MAX_TOKENS tokens (with AVX2 it puts activations in int16 blocks of 32 and
+multiplies in integers; int8 activations, llama.cpp's q8_0 scheme, cost this model ~1.5%
+perplexity); larger batches (prefill) dequantize
 the weight and use the float matmul, which is compute-bound there anyway. torch's own
 int8-weight CPU kernel (`_weight_int8pack_mm`) measured slower than float32 at every batch
 size here.

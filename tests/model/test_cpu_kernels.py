@@ -138,10 +138,10 @@ def test_linear_kernels_match_torch(tokens: int) -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_int8_kernel_quantizes_activations_in_blocks(tokens: int) -> None:
-    """K a multiple of 32 takes the integer path (activations in int8 blocks of 32 with
-    their own scales, as llama.cpp's q8_0): within about a percent of the float product, and
-    an outlier in one block does not cost the other blocks their precision."""
+def test_int8_kernel_integer_path(tokens: int) -> None:
+    """K a multiple of 32 takes the integer path (activations in int16 blocks of 32 with
+    their own scales): as close to the float product as float rounding allows, an outlier in
+    one block included."""
     from kvflow.model.quant import quantize_int8
 
     torch.manual_seed(tokens)
@@ -150,5 +150,4 @@ def test_int8_kernel_quantizes_activations_in_blocks(tokens: int) -> None:
     q, scale = quantize_int8(weight)
     expected = torch.nn.functional.linear(x, q.float() * scale[:, None], bias)
     out = cpu_kernels.linear_i8(x, q, scale, bias)
-    # One scale per row would put every value on a grid of 50/127 (~5% error here).
-    assert ((out - expected).norm() / expected.norm()).item() < 0.02
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-4

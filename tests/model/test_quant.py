@@ -17,8 +17,8 @@ from kvflow.model.quant import Int8Linear, quantize_int8
 @pytest.mark.parametrize("in_features", [64, 70])
 def test_int8_linear_matches_dequantized_weights(rows: int, in_features: int) -> None:
     """The C kernel (one token, several tokens) and the dequantizing path above it. With K a
-    multiple of 32 the kernel also quantizes activations (int8 blocks of 32, as llama.cpp's
-    q8_0 does), hence the looser bound there."""
+    multiple of 32 the kernel puts activations in int16 blocks of 32, hence a relative bound
+    there."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, 48, bias=True)
     q, scale = quantize_int8(linear.weight.data)
@@ -28,7 +28,7 @@ def test_int8_linear_matches_dequantized_weights(rows: int, in_features: int) ->
     expected = x @ (q.float() * scale[:, None]).T + linear.bias
     out = Int8Linear(linear.weight.data, linear.bias.data)(x)
     if in_features % 32 == 0 and rows <= INT8_GEMV_MAX_TOKENS:
-        assert ((out - expected).norm() / expected.norm()).item() < 0.02
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
     else:
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -54,7 +54,9 @@ def test_int8_perplexity_within_1_percent(default_model_path: Path) -> None:
     ids = fp32.get_tokenizer()(text)["input_ids"]
     base = perplexity(fp32, ids)
     del fp32
-    int8 = LLM(str(default_model_path), kv_cache_memory_gb=0.1, quantization="int8")
+    # Chunks of 64 prompt tokens: the int8 kernel path generation uses (int8 activations).
+    int8 = LLM(str(default_model_path), kv_cache_memory_gb=0.1, quantization="int8",
+               max_num_batched_tokens=64)
     model = int8.llm_engine.core.runner.model
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)  # really quantized
     assert isinstance(model.tied_head, Int8Linear)
