@@ -28,7 +28,8 @@ def supported() -> bool:
 
 
 def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed 1-D CPU tensor in huge-page-advised memory (pages appear on first touch)."""
+    """A zeroed 1-D CPU tensor in huge-page-advised memory, every page touched now (so the
+    memory is resident from the start, as torch.zeros would make it, not faulted in later)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     nbytes = max(numel * itemsize, 1)
     if not supported():
@@ -39,7 +40,7 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     area.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(area, dtype=torch.uint8)
     start = (-raw.data_ptr()) % _HUGE
-    return raw[start:start + numel * itemsize].view(dtype)
+    return raw[start:start + numel * itemsize].view(dtype).zero_()
 
 
 def move_to_hugepages_(model: nn.Module) -> nn.Module:

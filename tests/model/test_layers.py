@@ -72,3 +72,27 @@ def test_tied_head_reads_the_embedding_table() -> None:
         table = model.model.embed_tokens.weight
         assert model.tied_head.weight.data_ptr() == table.data_ptr()  # no copy
         torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_shapes_are_bucketed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few distinct shapes reach oneDNN (each one it caches holds memory); results unchanged."""
+    from kvflow.model import layers
+
+    seen: set[int] = set()
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Ops:
+        @staticmethod
+        def _linear_pointwise(x, *args):  # noqa: ANN001, ANN205
+            seen.add(x.shape[0])
+            return real(x, *args)
+
+    monkeypatch.setattr(layers.torch.ops, "mkldnn", Ops)
+    weight, bias = torch.randn(24, 40), torch.randn(24)
+    with torch.inference_mode():
+        for tokens in range(17, 300):
+            x = torch.randn(tokens, 40)
+            torch.testing.assert_close(layers.onednn_linear(x, weight, bias),
+                                       torch.nn.functional.linear(x, weight, bias),
+                                       atol=1e-5, rtol=1e-5)
+    assert len(seen) <= 16 and all(layers.onednn_bucket(t) == t for t in seen)
