@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/sampling_overhead.py
 	$(PY) benchmarks/profile_step.py
+	$(PY) benchmarks/memory.py
 
 lint: setup
 	$(VENV)/bin/ruff check kvflow tests benchmarks

@@ -35,6 +35,16 @@ def default_gguf() -> Path:
     return locate_packaged_file(PACKAGED_MODELS[DEFAULT_MODEL])
 
 
+def default_model_as(qtype: str) -> Path:
+    """The default model's GGUF re-encoded as qtype, written once into kvflow's cache."""
+    from kvflow.model.registry import cache_dir
+
+    src = default_gguf()
+    dst = cache_dir() / "bench" / f"{src.stem}.{qtype}.gguf"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return write_gguf(src, dst, qtype)
+
+
 def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
     """Copy src's metadata and tensors into dst, each 2-D tensor as qtype (F32 or Q8_0).
 

@@ -51,7 +51,7 @@ def main() -> None:
     import roofline
     from transformers import AutoTokenizer
 
-    from kvflow.model.registry import cache_dir, resolve_model
+    from kvflow.model.registry import resolve_model
 
     torch.set_num_threads(2)
     path = resolve_model(args.model)
@@ -61,11 +61,8 @@ def main() -> None:
         rates["hf_static"] = hf_baselines.static_batches(path, work, args.hf_batch_size)
         rates["hf_continuous"] = hf_baselines.continuous_batching(path, work)
     if not args.skip_llamacpp and llamacpp.available() and args.model is None:
-        src = llamacpp.default_gguf()
-        dst = cache_dir() / "bench" / f"{src.stem}.F32.gguf"
-        dst.parent.mkdir(parents=True, exist_ok=True)
         longest = max(len(p) + n for p, n in work)
-        engine = llamacpp.LlamaCpp(llamacpp.write_gguf(src, dst, "F32"),
+        engine = llamacpp.LlamaCpp(llamacpp.default_model_as("F32"),
                                    max_seqs=args.max_num_seqs, seq_len=longest)
         rates["llamacpp_batched"] = engine.batched(work)
         engine.close()

@@ -177,7 +177,7 @@ def main() -> None:
     import roofline
     from transformers import AutoTokenizer
 
-    from kvflow.model.registry import cache_dir, resolve_model
+    from kvflow.model.registry import resolve_model
 
     torch.set_num_threads(2)
     path = resolve_model(args.model)
@@ -188,12 +188,9 @@ def main() -> None:
     if not args.skip_hf:
         runners["hf"] = HfEngine(path)
     if not args.skip_llamacpp and llamacpp.available() and args.model is None:
-        src = llamacpp.default_gguf()
         for qtype in ("F32", "Q8_0"):
-            dst = cache_dir() / "bench" / f"{src.stem}.{qtype}.gguf"
-            dst.parent.mkdir(parents=True, exist_ok=True)
             runners[f"llamacpp_{qtype.lower()}"] = llamacpp.LlamaCpp(
-                llamacpp.write_gguf(src, dst, qtype), seq_len=max(PROMPT_LENGTHS) + args.tokens + 8)
+                llamacpp.default_model_as(qtype), seq_len=max(PROMPT_LENGTHS) + args.tokens + 8)
     engines = measure(runners, prompts, args.tokens, args.repeats)
     del runners
     bare = bare_forward_ms(path, prompts[512], args.repeats)
