@@ -31,6 +31,7 @@ from kvflow.engine.protocol import (
     UtilityOutput,
     UtilityRequest,
 )
+from kvflow.model.hugepages import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ UTILITY_METHODS = frozenset(
 )
 
 InputItem = tuple[RequestType, Any]
+
+# The CPU runner keeps freed step memory in the heap while it works (keep_freed_memory);
+# after this long without work the loop hands it back, so an idle engine is back at weights +
+# KV cache + runtime.
+TRIM_AFTER_IDLE_S = 0.5
 
 
 class BusyLoop:
@@ -52,13 +58,22 @@ class BusyLoop:
         self.running = True
 
     def run(self) -> None:
+        stepped = False  # a step ran since memory was last handed back
         while self.running:
             if not self.core.has_work():
-                self._handle(self.inputs.get())  # idle: block until something arrives
+                try:  # idle: block until something arrives
+                    item = self.inputs.get(timeout=TRIM_AFTER_IDLE_S)
+                except queue.Empty:
+                    if stepped:  # idle a while: the steps' freed heap goes back to the OS
+                        release_freed_memory()
+                        stepped = False
+                    item = self.inputs.get()
+                self._handle(item)
             while self.running and not self.inputs.empty():
                 self._handle(self.inputs.get_nowait())
             if self.running and self.core.has_work():
                 outputs = self.core.step()
+                stepped = True
                 if outputs.outputs:
                     if self.core.config.log_stats:
                         outputs.scheduler_stats = self.core.get_stats()
