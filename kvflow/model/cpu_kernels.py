@@ -119,6 +119,13 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _key_value_addresses(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """Addresses of the K and V halves of one layer's cache [2, NB, bs, KvH, hd], without
+    building view tensors (this runs for every layer of every step)."""
+    key = kv_cache.data_ptr()
+    return key, key + kv_cache.stride(0) * kv_cache.element_size()
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -138,7 +145,7 @@ def paged_decode_attention(
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(query)
     status = lib.kvflow_paged_decode_attention(
-        query.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        query.data_ptr(), *_key_value_addresses(kv_cache),
         block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(),
         num_decodes, block_tables.shape[1], block_size, num_heads, num_kv_heads, head_dim,
         scale, torch.get_num_threads(),
@@ -199,9 +206,9 @@ def rotary_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     assert cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
     assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
     _lib().kvflow_rotary_cache_write(
-        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), kv_cache[0].data_ptr(),
-        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), qkv.shape[0], num_heads, num_kv_heads,
-        head_dim, torch.get_num_threads())
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+        *_key_value_addresses(kv_cache), slot_mapping.data_ptr(), qkv.shape[0], num_heads,
+        num_kv_heads, head_dim, torch.get_num_threads())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -247,8 +254,8 @@ def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tenso
     layer's input) ... hidden = the layer's MLP output. See csrc/decode_layer.c."""
     status = _lib().kvflow_decode_layer(
         layer.pointers, layer.dims, layer.eps, layer.scale, hidden.data_ptr(),
-        residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv_cache[0].data_ptr(),
-        kv_cache[1].data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+        residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), *_key_value_addresses(kv_cache),
+        slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         block_tables.shape[1], kv_cache.shape[2], hidden.shape[0], scratch.data_ptr(),
         torch.get_num_threads())
     if status != 0:
