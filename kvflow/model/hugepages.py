@@ -30,51 +30,75 @@ def supported() -> bool:
 def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed 1-D CPU tensor in huge-page-advised memory, every page touched now (so the
     memory is resident from the start, as torch.zeros would make it, not faulted in later)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = max(numel * itemsize, 1)
     if not supported():
         return torch.zeros(numel, dtype=dtype)
+    return _untouched(numel * dtype.itemsize).view(dtype).zero_()
+
+
+def _untouched(nbytes: int) -> torch.Tensor:
+    """`nbytes` of fresh huge-page-advised memory as a uint8 tensor, 2 MiB aligned, no page
+    touched yet: it costs nothing resident until written."""
     # Private anonymous memory: THP's `enabled` setting governs it (shared memory would
     # follow `shmem_enabled`). The tensor keeps the mapping alive.
-    area = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area = mmap.mmap(-1, max(nbytes, 1) + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(area, dtype=torch.uint8)
     start = (-raw.data_ptr()) % _HUGE
-    return raw[start:start + numel * itemsize].view(dtype).zero_()
+    return raw[start:start + nbytes]
+
+
+def materialize_(model: nn.Module) -> nn.Module:
+    """`model.to_empty(device="cpu")` into one huge-page arena: every meta parameter and
+    buffer gets uninitialized storage there, so loading then writes each weight straight
+    into its final home (no second copy of the weights, not even for a moment).
+
+    A Parameter held by two modules is still one Parameter after. Without huge-page
+    support the arena is ordinary memory.
+    """
+    entries = [(table, name, t) for table, name, t in _entries(model) if t.device.type == "meta"]
+    offsets: dict[int, int] = {}  # id(meta tensor) -> its offset in the arena
+    size = 0
+    for _, _, tensor in entries:
+        if id(tensor) not in offsets:
+            offsets[id(tensor)] = size
+            size += _padded(tensor)
+    arena = _untouched(size) if supported() else torch.empty(size, dtype=torch.uint8)
+    placed: dict[int, torch.Tensor] = {}
+    for table, name, tensor in entries:
+        if id(tensor) not in placed:
+            storage = _view(arena, offsets[id(tensor)], tensor)
+            placed[id(tensor)] = (nn.Parameter(storage, requires_grad=tensor.requires_grad)
+                                  if isinstance(tensor, nn.Parameter) else storage)
+        table[name] = placed[id(tensor)]
+    return model
 
 
 def move_to_hugepages_(model: nn.Module) -> nn.Module:
     """Copy every parameter and buffer of a CPU model into one huge-page arena, in place.
 
-    Tensors that share storage (a tied head over the embedding table) stay shared.
+    Tensors that share storage (a tied head over the embedding table) stay shared. Each
+    original is dropped once copied; the arena's pages fill only as they are written.
     """
     if not supported():
         return model
+    entries = [(table, name, t) for table, name, t in _entries(model) if t.device.type == "cpu"]
     slots: dict[tuple[int, tuple[int, ...], torch.dtype], int] = {}  # tensor -> arena offset
     size = 0
-    for tensor in _tensors(model):
+    for _, _, tensor in entries:
         key = _key(tensor)
         if key not in slots:
             slots[key] = size
-            size += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
-    arena = zeros(size, torch.uint8)
+            size += _padded(tensor)
+    arena = _untouched(size)
     moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
-    for module in model.modules():
-        tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
-        for table in tables:
-            for name, tensor in table.items():
-                if tensor is None or tensor.device.type != "cpu":
-                    continue
-                key = _key(tensor)
-                if key not in moved:
-                    offset, nbytes = slots[key], tensor.numel() * tensor.element_size()
-                    target = arena[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-                    target.copy_(tensor.contiguous())
-                    moved[key] = target
-                if isinstance(tensor, nn.Parameter):
-                    tensor.data = moved[key]
-                else:
-                    table[name] = moved[key]
+    for table, name, tensor in entries:
+        key = _key(tensor)
+        if key not in moved:
+            moved[key] = _view(arena, slots[key], tensor).copy_(tensor)
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = moved[key]
+        else:
+            table[name] = moved[key]
     return model
 
 
@@ -86,10 +110,20 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [t for module in model.modules()
-            for t in (*module._parameters.values(), *module._buffers.values())
-            if t is not None and t.device.type == "cpu"]
+def _entries(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """(table, name, tensor) for every parameter and buffer slot of every module."""
+    return [(table, name, tensor) for module in model.modules()
+            for table in (module._parameters, module._buffers)
+            for name, tensor in table.items() if tensor is not None]
+
+
+def _padded(tensor: torch.Tensor) -> int:
+    return -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+
+
+def _view(arena: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    nbytes = like.numel() * like.element_size()
+    return arena[offset:offset + nbytes].view(like.dtype).view(like.shape)
 
 
 def _key(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:

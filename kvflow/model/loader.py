@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
+import mmap
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -12,11 +16,11 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from kvflow.errors import ModelLoadError
+from kvflow.model import hugepages
 from kvflow.model.layers import can_pack, use_cpu_kernels_
 from kvflow.model.llama import LlamaForCausalLM
 
@@ -65,17 +69,61 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, read lazily one tensor at a time on the CPU."""
+    """(name, tensor) pairs, read one tensor at a time on the CPU with plain file reads.
+
+    Not through safetensors' memory map: every page of a mapped checkpoint counts in the
+    process's resident size until the file is closed, so loading would peak at the weights
+    twice over. A read goes through the page cache instead, which the process does not own.
+    """
     for file in files:
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    yield name, handle.get_tensor(name)
-        except (OSError, RuntimeError, SafetensorError) as exc:
+            yield from _read_safetensors(file)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(
                 f"cannot read weights from {file}: {exc}; if this folder is a kvflow conversion "
                 f"cache, delete {file.parent} and it is rebuilt on the next start"
             ) from exc
+
+
+_SAFETENSORS_DTYPES = MappingProxyType({
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+})
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file in file order: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 0 < header_len <= _MAX_HEADER_BYTES:
+            raise ValueError(f"header length {header_len} is not a safetensors header")
+        header = json.loads(f.read(header_len))
+        data_start = 8 + header_len
+        entries = sorted(((name, info) for name, info in header.items()
+                          if name != "__metadata__"), key=lambda e: e[1]["data_offsets"][0])
+        for name, info in entries:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes:
+                raise ValueError(f"tensor '{name}' spans {end - begin} bytes, its shape and "
+                                 f"dtype need {nbytes}")
+            if not nbytes:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            # Its own mapping, unmapped as soon as the caller drops the tensor: a heap block
+            # would stay resident after loading (the engine keeps freed heap memory).
+            area = mmap.mmap(-1, nbytes)
+            f.seek(data_start + begin)
+            if f.readinto(area) != nbytes:
+                raise ValueError(f"the file ends inside tensor '{name}' (truncated)")
+            data = torch.frombuffer(area, dtype=torch.uint8)
+            yield name, data.view(dtype).view(shape)
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device,
@@ -83,21 +131,28 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
     """Build the model on `device` in `dtype`, load its weights, return it in eval mode.
 
     Parameters start on the meta device, so no memory is spent on random initialization and
-    each weight is copied (and cast) straight into its final place. The return type is the
+    each weight is copied (and cast) straight into its final place: on the CPU, one arena of
+    huge pages (quantized models move there once quantized). The return type is the
     one class all supported architectures share (an nn.Module).
     """
     config = load_hf_config(path)
     factory = ARCHITECTURES[architecture_of(config)]
     files = weight_files(path)
     with torch.device("meta"):
-        model = factory(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = factory(config).to(dtype=dtype)
+    in_place = device.type == "cpu" and quantization is None
+    if in_place:  # weights read straight into huge pages (kvflow.model.hugepages)
+        hugepages.materialize_(model)
+    else:
+        model = model.to_empty(device=device)
     model.load_weights(iterate_weights(files))
     model.requires_grad_(False)
     if quantization is not None:
         from kvflow.model.quant import quantize_model_
 
         quantize_model_(model, quantization)
+    if device.type == "cpu" and not in_place:
+        hugepages.move_to_hugepages_(model)
     if can_pack(device, dtype):
         use_cpu_kernels_(model)
     return model.eval()

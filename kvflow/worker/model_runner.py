@@ -25,9 +25,15 @@ from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 
 if TYPE_CHECKING:
+    from kvflow.core.request import Request
     from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
+
+# Requests sampled together. Logits, probabilities and the draw's float64 cumulative sum are
+# each [rows, vocab] (12-25 MB at 64 rows and a 49k vocabulary): a step of 256 requests
+# samples in four parts, so its working memory is that of a 64-request step.
+SAMPLE_ROWS = 64
 
 
 class ModelRunner:
@@ -46,8 +52,7 @@ class ModelRunner:
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
         # one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-        if self.device.type == "cpu":  # weights and cache in huge pages, loading's leftovers freed
-            hugepages.move_to_hugepages_(self.model)
+        if self.device.type == "cpu":  # cache in huge pages like the weights; leftovers freed
             self.kv_caches = [hugepages.zeros(math.prod(shape), mc.dtype).view(shape)
                               for _ in range(self.model.num_layers)]
             hugepages.release_freed_memory()
@@ -106,37 +111,47 @@ class ModelRunner:
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
         logprobs: list[LogprobsLists | None] | None = None
-        if rows:
-            last = torch.as_tensor(ends[rows], device=self.device)
-            logits = self.model.compute_logits(hidden[last])  # [len(rows), vocab]
-            requests = [scheduled[i].request for i in rows]
-            grammar_rows: list[int] = []
-            if structured is not None:
-                # before the sampler, as in vLLM: logprobs are then those of the masked logits
-                grammar_rows = structured.mask_logits(logits, requests)
-            metadata_s = SamplingMetadata.build(
-                [r.sampling_params for r in requests],
-                [r.prompt_token_ids for r in requests],
-                [r.output_token_ids for r in requests],
-                [r.generator for r in requests],
-                self.vocab_size, self.device,
-            )
-            result = self.sampler(logits, metadata_s)
-            tokens = result.sampled_token_ids.tolist()
-            for row, token in zip(rows, tokens, strict=True):
+        for first in range(0, len(rows), SAMPLE_ROWS):
+            part = rows[first:first + SAMPLE_ROWS]
+            last = torch.as_tensor(ends[part], device=self.device)
+            tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
+                                                 hidden[last], structured)
+            for row, token in zip(part, tokens, strict=True):
                 sampled[row] = token
-            if grammar_rows:
-                assert structured is not None
-                structured.accept_tokens(requests, grammar_rows, tokens)
-            if result.logprobs is not None:
-                logprobs = [None] * len(scheduled)
-                per_row = _split_logprobs(result.logprobs)
-                for j, row in enumerate(rows):
-                    k = requests[j].sampling_params.logprobs
-                    if k is not None:
-                        logprobs[row] = _trim(per_row[j], k)
+            if part_logprobs is not None:
+                logprobs = logprobs or [None] * len(scheduled)
+                for row, lists in zip(part, part_logprobs, strict=True):
+                    logprobs[row] = lists
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
         return StepResult(sampled, logprobs, prompt_logprobs)
+
+    def _sample(self, requests: list[Request], hidden: torch.Tensor,
+                structured: StructuredOutputManager | None
+                ) -> tuple[list[int], list[LogprobsLists | None] | None]:
+        """Next token (and logprobs where asked) of each request from its last hidden state."""
+        logits = self.model.compute_logits(hidden)  # [len(requests), vocab]
+        grammar_rows: list[int] = []
+        if structured is not None:
+            # before the sampler, as in vLLM: logprobs are then those of the masked logits
+            grammar_rows = structured.mask_logits(logits, requests)
+        metadata = SamplingMetadata.build(
+            [r.sampling_params for r in requests],
+            [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests],
+            [r.generator for r in requests],
+            self.vocab_size, self.device,
+        )
+        result = self.sampler(logits, metadata)
+        tokens = result.sampled_token_ids.tolist()
+        if grammar_rows:
+            assert structured is not None
+            structured.accept_tokens(requests, grammar_rows, tokens)
+        if result.logprobs is None:
+            return tokens, None
+        per_row = _split_logprobs(result.logprobs)
+        return tokens, [None if r.sampling_params.logprobs is None
+                        else _trim(lists, r.sampling_params.logprobs)
+                        for r, lists in zip(requests, per_row, strict=True)]
 
     def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor,
                          ends: np.ndarray) -> list[LogprobsLists | None] | None:

@@ -12,8 +12,15 @@ from conftest import hf_logits, llama_cpp_permute, run_full_prompt, save_tiny, t
 from safetensors.torch import load_file, save_file
 
 from kvflow.errors import ModelLoadError
+from kvflow.model import hugepages
 from kvflow.model.layers import rope_parameters
-from kvflow.model.loader import hf_tensor_name, load_hf_config, load_model, unpermute_rotary
+from kvflow.model.loader import (
+    hf_tensor_name,
+    iterate_weights,
+    load_hf_config,
+    load_model,
+    unpermute_rotary,
+)
 
 CPU = torch.device("cpu")
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 23, 84, 62, 64, 33, 83, 27, 95, 2, 88, 41, 97]
@@ -52,6 +59,33 @@ def test_truncated_weights_name_the_file(tmp_path: Path, tiny_llama_dir: Path) -
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         load_model(tmp_path, torch.float32, CPU)
+
+
+def test_weights_read_equal_safetensors_own_reader(tmp_path: Path) -> None:
+    """The plain-read loader against safetensors' reader: every dtype, scalar, empty tensor."""
+    tensors = {
+        "a.f32": torch.randn(5, 7), "b.bf16": torch.randn(3, 4).bfloat16(),
+        "c.f16": torch.randn(9).half(), "d.i64": torch.arange(6).view(2, 3),
+        "e.bool": torch.tensor([True, False, True]), "f.scalar": torch.tensor(2.5),
+        "g.empty": torch.zeros(0, 4), "h.u8": torch.arange(10, dtype=torch.uint8),
+    }
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    read = dict(iterate_weights([tmp_path / "w.safetensors"]))
+    assert read.keys() == tensors.keys()
+    for name, expected in load_file(tmp_path / "w.safetensors").items():
+        assert read[name].dtype == expected.dtype and read[name].shape == expected.shape
+        assert torch.equal(read[name], expected), name
+
+
+def test_weights_land_in_huge_pages_on_cpu(tiny_llama_dir: Path) -> None:
+    """Float CPU weights are read straight into one huge-page arena (2 MiB aligned start)."""
+    if not hugepages.supported():
+        pytest.skip("no MADV_HUGEPAGE here")
+    model = load_model(tiny_llama_dir, torch.float32, CPU)
+    starts = sorted(p.data_ptr() for p in model.parameters())
+    assert starts[0] % (2 << 20) == 0
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert starts[-1] - starts[0] < total + 64 * len(starts)  # one contiguous arena
 
 
 def test_sharded_checkpoint_loads(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -1,0 +1,58 @@
+"""The model runner: wide steps sample in parts of SAMPLE_ROWS rows, with the same results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvflow import LLM, SamplingParams
+from kvflow.worker import model_runner
+from tests.engine.leaks import assert_core_clean
+
+
+def mixed_params(i: int) -> SamplingParams:
+    """Greedy, seeded random with top-p/top-k, logprobs and penalties, in turn."""
+    kinds = [
+        SamplingParams(max_tokens=6, temperature=0.0),
+        SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=100 + i, logprobs=2),
+        SamplingParams(max_tokens=6, temperature=1.2, top_k=20, seed=200 + i,
+                       repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(max_tokens=6, temperature=0.0, logprobs=4, presence_penalty=0.8),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def run(path: Path) -> tuple[list[tuple[object, ...]], int]:
+    """Each request's tokens and logprobs, and how many times the LM head ran."""
+    llm = LLM(str(path), kv_cache_memory_gb=0.05, max_num_seqs=64)
+    model = llm.llm_engine.core.runner.model
+    calls = 0
+    compute_logits = model.compute_logits
+
+    def counting(hidden):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return compute_logits(hidden)
+
+    model.compute_logits = counting
+    prompts = [{"prompt_token_ids": [5 + i, 17, 300 + 7 * i, 42]} for i in range(22)]
+    outs = llm.generate(prompts, [mixed_params(i) for i in range(22)], use_tqdm=False)
+    assert_core_clean(llm.llm_engine.core)
+    results = []
+    for out in outs:
+        c = out.outputs[0]
+        lps = None if c.logprobs is None else [
+            {t: round(lp.logprob, 4) for t, lp in step.items()} for step in c.logprobs]
+        results.append((tuple(c.token_ids), lps))
+    return results, calls
+
+
+def test_wide_step_samples_in_parts_with_the_same_tokens_and_logprobs(
+        tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole, whole_calls = run(tiny_llama_path)
+    monkeypatch.setattr(model_runner, "SAMPLE_ROWS", 5)
+    parts, part_calls = run(tiny_llama_path)
+    assert parts == whole
+    # 22 requests decode together: 5 parts per step instead of 1
+    assert part_calls >= whole_calls + 4 * 5
