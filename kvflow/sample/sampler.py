@@ -116,36 +116,55 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return torch.where(md.is_greedy, logits.argmax(dim=-1), random_ids)  # [B]
 
 
+# Random rows are filtered and drawn this many at a time: each block builds a few [rows, V]
+# float32 and float64 temporaries (about 36 bytes per vocabulary entry per row), so a wide
+# step's working memory stays that of 16 rows.
+_RANDOM_BLOCK_ROWS = 16
+
+
 def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     assert md.temperature is not None
-    logits = logits / md.temperature.unsqueeze(1)  # [B, V]
-    logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
-    if md.min_p is not None:
-        logits = apply_min_p(logits, md.min_p)
-    probs = logits.softmax(dim=-1)  # [B, V]
-    return _draw(probs, md)  # [B]
+    uniform = _uniforms(logits.shape[0], md, logits.device)  # [B], drawn for the whole batch
+    ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # [B]
+    for first in range(0, logits.shape[0], _RANDOM_BLOCK_ROWS):
+        rows = slice(first, first + _RANDOM_BLOCK_ROWS)
+        block = logits[rows] / md.temperature[rows].unsqueeze(1)  # [b, V]
+        block = apply_top_k_top_p(block, _rows(md.top_k, rows), _rows(md.top_p, rows),
+                                  md.max_top_k)
+        if md.min_p is not None:
+            block = apply_min_p(block, md.min_p[rows])
+        ids[rows] = _draw(block.softmax(dim=-1), uniform[rows])
+    return ids
 
 
-def _draw(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform per row, found in the row's cumulative mass.
+def _rows(values: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if values is None else values[rows]
 
-    A seeded row's uniform comes from its own generator, so its token depends only on its
-    probabilities and that generator, whatever else is in the batch. One draw per row (not
-    one per vocabulary entry, as an exponential race needs) is ~20x cheaper on a CPU; the
-    cumulative sum is float64 so even the last of 49k entries keeps its probability.
-    """
-    num_rows, vocab_size = probs.shape
-    uniform = torch.empty(num_rows, dtype=torch.float64, device=probs.device)  # [B]
+
+def _uniforms(num_rows: int, md: SamplingMetadata, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, float64. A seeded row's comes from its own generator,
+    so its token depends only on its probabilities and that generator, whatever else is in
+    the batch."""
+    uniform = torch.empty(num_rows, dtype=torch.float64, device=device)  # [B]
     if md.default_rng_rows is None:
-        uniform.uniform_()
-    else:
-        uniform.fill_(0.5)  # greedy rows: their draw is discarded
-        if md.default_rng_rows.numel():
-            uniform[md.default_rng_rows] = torch.rand(
-                md.default_rng_rows.numel(), dtype=torch.float64, device=probs.device)
-        for row, generator in md.generators.items():
-            uniform[row] = torch.rand(1, generator=generator, dtype=torch.float64,
-                                      device=probs.device)[0]
+        return uniform.uniform_()
+    uniform.fill_(0.5)  # greedy rows: their draw is discarded
+    if md.default_rng_rows.numel():
+        uniform[md.default_rng_rows] = torch.rand(
+            md.default_rng_rows.numel(), dtype=torch.float64, device=device)
+    for row, generator in md.generators.items():
+        uniform[row] = torch.rand(1, generator=generator, dtype=torch.float64, device=device)[0]
+    return uniform
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: each row's uniform found in the row's cumulative mass.
+
+    One draw per row (not one per vocabulary entry, as an exponential race needs) is ~20x
+    cheaper on a CPU; the cumulative sum is float64 so even the last of 49k entries keeps
+    its probability.
+    """
+    vocab_size = probs.shape[1]
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     target = (uniform * cdf[:, -1]).unsqueeze(1)  # [B, 1], below the row's total mass
     # right=True: the first entry whose cumulative mass exceeds the target; a token of zero
