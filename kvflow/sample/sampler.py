@@ -118,8 +118,8 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 # Random rows are filtered and drawn this many at a time: each block builds a few [rows, V]
 # float32 and float64 temporaries (about 36 bytes per vocabulary entry per row), so a wide
-# step's working memory stays that of 16 rows.
-_RANDOM_BLOCK_ROWS = 16
+# step's working memory stays that of 8 rows.
+_RANDOM_BLOCK_ROWS = 8
 
 
 def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Requests sampled together. Logits, probabilities and the draw's float64 cumulative sum are
-# each [rows, vocab] (12-25 MB at 64 rows and a 49k vocabulary): a step of 256 requests
-# samples in four parts, so its working memory is that of a 64-request step.
-SAMPLE_ROWS = 64
+# each [rows, vocab] (6-12 MB at 32 rows and a 49k vocabulary): a step of 256 requests
+# samples in eight parts, so its working memory is that of a 32-request step.
+SAMPLE_ROWS = 32
 
 
 class ModelRunner:
