@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vec.h"
+
 /* out = rms_norm(x) * weight, rows of H. With a residual: residual += x first, and the sum
  * is normalized (the residual stream of the next sub-layer). Matches the float32 reference:
  * x * rsqrt(mean(x^2) + eps) * weight. */
@@ -70,31 +72,6 @@ void kvflow_rotary_cache_write(float *qkv, int64_t row_stride, const float *cos,
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-/* e^x for 8 floats (libm's expf does not vectorize without -ffast-math): x = n ln2 + r
- * with ln2 split in two (Cody-Waite), e^r by a degree-6 polynomial (Cephes expf's
- * coefficients), 2^n built in the exponent bits. About 1 ulp over the float range. */
-static inline __m256 exp8(__m256 x)
-{
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-#endif
 
 static void silu_mul_row(const float *g, const float *u, float *o, int64_t n)
 {

@@ -31,6 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -58,7 +59,8 @@ def build() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     identity = " ".join([compiler, *FLAGS, platform.machine(), _cpu_model()]).encode()
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + identity).hexdigest()[:16]
+    text = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(text + identity).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"kvflow_cpu-{key}.so"
     if target.exists():
         return target

@@ -19,10 +19,16 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return torch.einsum("hs,shd->hd", weights, v)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "block_size"), [(4, 4, 4), (9, 3, 16), (8, 1, 5)])
-def test_kernel_matches_reference(heads: int, kv_heads: int, block_size: int) -> None:
+# head_dim 64 and 128: the AVX2 loops (128 in two 64-wide slices, 96 in 64 + 32); 12: the
+# portable loops. Lengths 1, 2, 37, 300 leave tails of the four-token score loop.
+@pytest.mark.parametrize(("heads", "kv_heads", "block_size", "head_dim"), [
+    (4, 4, 4, 64), (9, 3, 16, 64), (8, 1, 5, 64), (4, 2, 16, 128), (2, 1, 16, 96),
+    (4, 2, 16, 12),
+])
+def test_kernel_matches_reference(heads: int, kv_heads: int, block_size: int,
+                                  head_dim: int) -> None:
     generator = torch.Generator().manual_seed(heads * 100 + block_size)
-    head_dim, num_blocks = 64, 200
+    num_blocks = 200
     seq_lens = [1, block_size, block_size + 1, 37, 300, 2]
     # NaN everywhere nobody wrote: a read past a request's length poisons its output.
     cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"))
