@@ -180,6 +180,10 @@ class ModelConfig:
     max_logprobs: int
     architecture: str
     quantization: str | None = None
+    # The model's config.json as transformers resolves it (defaults filled in), as plain
+    # data: the engine-core process builds the model from it without importing transformers'
+    # model classes (which pull in sympy and accelerate: ~60 MB resident).
+    hf_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_folder(cls, *, model: str | None, path: Path, tokenizer: str | None,
@@ -201,7 +205,7 @@ class ModelConfig:
             vocab_size=int(hf_config.vocab_size), eos_token_ids=_eos_ids(path, hf_config),
             seed=seed, max_logprobs=max_logprobs,
             architecture=(getattr(hf_config, "architectures", None) or ["?"])[0],
-            quantization=quantization,
+            quantization=quantization, hf_config=hf_config.to_dict(),
         )
 
 

@@ -136,7 +136,13 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: Any, qkv_bias: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding's own init on the meta device (where the loader builds models) goes
+        # through torch._refs, which imports torch._dynamo and sympy: ~50 MB resident in the
+        # engine core for a table the checkpoint overwrites. Given its table, it skips that.
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        if not table.is_meta:
+            nn.init.normal_(table)  # what nn.Embedding would do
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)
         )

@@ -127,15 +127,18 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None) -> LlamaForCausalLM:
+               quantization: str | None = None,
+               hf_config: dict[str, Any] | None = None) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype`, load its weights, return it in eval mode.
 
     Parameters start on the meta device, so no memory is spent on random initialization and
     each weight is copied (and cast) straight into its final place: on the CPU, one arena of
     huge pages (quantized models move there once quantized). The return type is the
-    one class all supported architectures share (an nn.Module).
+    one class all supported architectures share (an nn.Module). `hf_config`, the resolved
+    config as a dict (ModelConfig.hf_config), spares reading config.json through
+    transformers' model classes.
     """
-    config = load_hf_config(path)
+    config = PretrainedConfig.from_dict(hf_config) if hf_config else load_hf_config(path)
     factory = ARCHITECTURES[architecture_of(config)]
     files = weight_files(path)
     with torch.device("meta"):

@@ -47,7 +47,7 @@ class ModelRunner:
             keep_freed_memory()
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
-        self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization)
+        self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
         self.num_blocks = self._count_blocks(config)
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,6 +88,31 @@ def test_weights_land_in_huge_pages_on_cpu(tiny_llama_dir: Path) -> None:
     assert starts[0] % (2 << 20) == 0
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert starts[-1] - starts[0] < total + 64 * len(starts)  # one contiguous arena
+
+
+def test_model_from_config_dict_matches_model_from_folder(tiny_llama_dir: Path) -> None:
+    """The engine core builds from ModelConfig.hf_config (a dict), not config.json."""
+    as_dict = load_hf_config(tiny_llama_dir).to_dict()
+    torch.testing.assert_close(
+        run_full_prompt(load_model(tiny_llama_dir, torch.float32, CPU, hf_config=as_dict), PROMPT),
+        run_full_prompt(load_model(tiny_llama_dir, torch.float32, CPU), PROMPT), atol=0, rtol=0)
+
+
+def test_loading_from_a_config_dict_imports_no_model_classes(tiny_llama_dir: Path) -> None:
+    """transformers' model config classes and torch._dynamo (via meta-device init) pull in
+    sympy and accelerate: ~60 MB resident in the engine core for nothing."""
+    as_dict = load_hf_config(tiny_llama_dir).to_dict()
+    code = (
+        "import sys, torch\n"
+        "from kvflow.model.loader import load_model\n"
+        f"load_model({str(tiny_llama_dir)!r}, torch.float32, torch.device('cpu'), "
+        f"hf_config={as_dict!r})\n"
+        "print(sorted(m for m in ('sympy', 'accelerate', 'torch._dynamo', "
+        "'transformers.models.llama') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
 
 
 def test_sharded_checkpoint_loads(tmp_path: Path, tiny_llama_dir: Path) -> None:
