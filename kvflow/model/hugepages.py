@@ -76,9 +76,9 @@ def materialize_(model: nn.Module) -> nn.Module:
 def move_to_hugepages_(model: nn.Module) -> nn.Module:
     """Copy every parameter and buffer of a CPU model into one huge-page arena, in place.
 
-    Tensors that share storage (a tied head over the embedding table) stay shared. Each
-    original is dropped once copied; the arena's pages fill only as they are written.
-    """
+    Tensors that share storage (a tied head over the embedding table) stay shared. The
+    arena's pages become resident only as they are written (quantized models take this path;
+    float models are built in an arena by `materialize_`)."""
     if not supported():
         return model
     entries = [(table, name, t) for table, name, t in _entries(model) if t.device.type == "cpu"]

@@ -106,6 +106,9 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         entries = sorted(((name, info) for name, info in header.items()
                           if name != "__metadata__"), key=lambda e: e[1]["data_offsets"][0])
         for name, info in entries:
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor '{name}' has dtype {info['dtype']}, which kvflow "
+                                 f"does not load ({', '.join(_SAFETENSORS_DTYPES)})")
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
