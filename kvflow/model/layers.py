@@ -19,8 +19,9 @@ def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-# Token counts up to which the C matrix-vector kernels beat oneDNN here (BENCHMARKS.md).
-GEMV_MAX_TOKENS = 16
+# Token counts up to which the C kernels beat oneDNN here (BENCHMARKS.md): float32 from 8
+# tokens on runs three weight rows against four tokens at a time, level with oneDNN at 64.
+GEMV_MAX_TOKENS = 64
 INT8_GEMV_MAX_TOKENS = 64
 
 
@@ -59,8 +60,8 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
 
 
 class CpuLinear(nn.Module):
-    """A float32 CPU linear layer: kvflow's C matrix-vector kernel for up to GEMV_MAX_TOKENS
-    tokens (decode steps, where the layer is bound by memory bandwidth), oneDNN above.
+    """A float32 CPU linear layer: kvflow's C kernel for up to GEMV_MAX_TOKENS tokens (decode
+    steps: bound by memory bandwidth at a few tokens, by arithmetic towards 64), oneDNN above.
 
     The weight stays in its plain [N, K] layout, so the model holds one copy of it. MKL's
     F.linear reached 15 GB/s at one token here, the C kernel about 25 (BENCHMARKS.md).

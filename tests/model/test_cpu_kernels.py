@@ -127,7 +127,9 @@ def test_rotary_cache_write_matches_torch() -> None:
     assert flat[:, untouched].isnan().all()
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 4, 9])
+# 8 and more tokens take the three-row tiles (33 rows: eleven; 70 = 8 * 8 + 6: a tail in K);
+# 9 and 13 leave token tails.
+@pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 13, 64])
 def test_linear_kernels_match_torch(tokens: int) -> None:
     from kvflow.model.quant import quantize_int8
 
@@ -135,6 +137,11 @@ def test_linear_kernels_match_torch(tokens: int) -> None:
     x, weight, bias = torch.randn(tokens, 70), torch.randn(33, 70), torch.randn(33)
     torch.testing.assert_close(cpu_kernels.linear_f32(x, weight, bias),
                                torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+    for rows in (34, 35):  # one and two rows past the last triple
+        w2, b2 = torch.randn(rows, 64), torch.randn(rows)
+        torch.testing.assert_close(cpu_kernels.linear_f32(x[:, :64], w2, b2),
+                                   torch.nn.functional.linear(x[:, :64], w2, b2),
+                                   atol=1e-4, rtol=1e-4)
     q, scale = quantize_int8(weight)
     # K = 70 is no multiple of 32: int8 weights meet float activations, exactly.
     expected = torch.nn.functional.linear(x, q.float() * scale[:, None])
