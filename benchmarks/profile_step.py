@@ -6,6 +6,10 @@ profiles --steps steps with the torch profiler and prints the share of each part
 model's linear layers, attention (cache write and kernel; the C kernel is no torch op, so
 the call is wrapped in a labelled region here), the rest of the forward, the LM head,
 sampling, scheduling, and whatever is left (input preparation, output bookkeeping).
+
+Where a decode step runs each decoder layer as one C call (float32 up to GEMV_MAX_TOKENS
+decodes), linear layers and attention happen inside that call: they are reported together
+as "c_layers", and --split-c-layers turns the whole-layer path off to split them again.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quantization", default=None, choices=[None, "int8"])
+    parser.add_argument("--split-c-layers", action="store_true",
+                        help="run decode layers op by op, to split linear from attention")
     parser.add_argument("--json", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
 
@@ -60,6 +66,11 @@ def main() -> None:
     runner.sampler = labelled("sample", runner.sampler)
     core.scheduler.schedule = labelled("schedule", core.scheduler.schedule)
     llama.paged_attention = labelled("attention", llama.paged_attention)  # torch or C path
+    from kvflow.model import cpu_kernels
+
+    cpu_kernels.decode_layer = labelled("c_layers", cpu_kernels.decode_layer)
+    if args.split_c_layers:
+        runner.model.model._c_decode_layers = lambda metadata: None
     for module in runner.model.modules():  # C kernels are no torch ops: label their calls
         if isinstance(module, CpuLinear | Int8Linear):
             module.forward = labelled("linear", module.forward)  # type: ignore[method-assign]
@@ -88,8 +99,10 @@ def main() -> None:
     linear -= min(linear, head)  # the head's matmul is counted under lm_head
     forward = totals.get("forward", 0.0)
     attn = totals.get("attention", 0.0)
+    c_layers = totals.get("c_layers", 0.0)
     parts = {
-        "linear": linear, "attention": attn, "forward_other": forward - linear - attn,
+        "c_layers": c_layers, "linear": linear, "attention": attn,
+        "forward_other": forward - c_layers - linear - attn,
         "lm_head": head, "sample": totals.get("sample", 0.0),
         "schedule": totals.get("schedule", 0.0),
     }
