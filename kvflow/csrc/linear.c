@@ -89,10 +89,7 @@ static void dot3x4(const float *w, int64_t K, const float *x, int64_t stride, fl
         }
     }
     for (int r = 0; r < 3; ++r) {
-        const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]),
-                                        _mm256_hadd_ps(acc[r][2], acc[r][3]));
-        _mm_storeu_ps(sums + r * 4,
-                      _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+        _mm_storeu_ps(sums + r * 4, hsum8x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
         for (int64_t kk = k; kk < K; ++kk)
             for (int j = 0; j < 4; ++j)
                 sums[r * 4 + j] += w[r * K + kk] * x[j * stride + kk];
@@ -184,8 +181,8 @@ static void row_times_tokens(const float *w, const float *x, float *out, int64_t
         out[t * N + n] = dot1(w, x + t * K, K) * scale + bias;
 }
 
-/* From this many tokens on, rows go three at a time (dot3x4): 101-109 GFLOP/s at 16-64
- * tokens here, against 77 one row at a time and 74-114 for oneDNN (BENCHMARKS.md). */
+/* From this many tokens on, rows go three at a time (dot3x4): 95-108 GFLOP/s at 16-64
+ * tokens here, against 74-77 one row at a time and 69-107 for oneDNN (BENCHMARKS.md). */
 #define TILE_MIN_TOKENS 8
 
 void kvflow_linear_f32(const float *x, const float *w, const float *bias, float *out,

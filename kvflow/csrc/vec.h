@@ -12,6 +12,13 @@ static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* The four horizontal sums of a, b, c, d, in that order. */
+static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 /* e^x for 8 floats (libm's expf does not vectorize without -ffast-math): x = n ln2 + r
  * with ln2 split in two (Cody-Waite), e^r by a degree-6 polynomial (Cephes expf's
  * coefficients), 2^n built in the exponent bits. About 1 ulp over the float range. */

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import mmap
 import sys
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -56,12 +57,7 @@ def materialize_(model: nn.Module) -> nn.Module:
     support the arena is ordinary memory.
     """
     entries = [(table, name, t) for table, name, t in _entries(model) if t.device.type == "meta"]
-    offsets: dict[int, int] = {}  # id(meta tensor) -> its offset in the arena
-    size = 0
-    for _, _, tensor in entries:
-        if id(tensor) not in offsets:
-            offsets[id(tensor)] = size
-            size += _padded(tensor)
+    offsets, size = _layout([t for _, _, t in entries], id)  # meta tensors share no storage
     arena = _untouched(size) if supported() else torch.empty(size, dtype=torch.uint8)
     placed: dict[int, torch.Tensor] = {}
     for table, name, tensor in entries:
@@ -82,15 +78,9 @@ def move_to_hugepages_(model: nn.Module) -> nn.Module:
     if not supported():
         return model
     entries = [(table, name, t) for table, name, t in _entries(model) if t.device.type == "cpu"]
-    slots: dict[tuple[int, tuple[int, ...], torch.dtype], int] = {}  # tensor -> arena offset
-    size = 0
-    for _, _, tensor in entries:
-        key = _key(tensor)
-        if key not in slots:
-            slots[key] = size
-            size += _padded(tensor)
+    slots, size = _layout([t for _, _, t in entries], _key)
     arena = _untouched(size)
-    moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+    moved: dict[Hashable, torch.Tensor] = {}
     for table, name, tensor in entries:
         key = _key(tensor)
         if key not in moved:
@@ -117,8 +107,17 @@ def _entries(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor]]
             for name, tensor in table.items() if tensor is not None]
 
 
-def _padded(tensor: torch.Tensor) -> int:
-    return -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+def _layout(tensors: list[torch.Tensor], key: Callable[[torch.Tensor], Hashable]
+            ) -> tuple[dict[Hashable, int], int]:
+    """Arena offset of each distinct key (tensors with equal keys share a slot), and the
+    arena's size; slots are _ALIGN-byte aligned."""
+    offsets: dict[Hashable, int] = {}
+    size = 0
+    for tensor in tensors:
+        if key(tensor) not in offsets:
+            offsets[key(tensor)] = size
+            size += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+    return offsets, size
 
 
 def _view(arena: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
