@@ -1,6 +1,7 @@
 """Hugging Face transformers baselines: static batches, continuous batching, one stream.
 
-Greedy, float32, EOS ignored, so every engine produces the same number of tokens.
+Greedy, EOS ignored, so every engine produces the same number of tokens. float32 on the
+CPU unless a caller names another device and dtype.
 """
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ import torch
 Work = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
 
-def load(path: Path) -> Any:
+def load(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def static_batches(path: Path, work: Work, batch_size: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def static_batches(path: Path, work: Work, batch_size: int, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> float:
     """Useful output tokens/s of `generate` over padded batches in arrival order.
 
     A batch runs until its longest request is done; tokens a request generates past its
     own length are waste and not counted.
     """
-    model = load(path)
+    model = load(path, device, dtype)
     pad = 0
     t0 = time.perf_counter()
     useful = 0
@@ -37,20 +44,22 @@ def static_batches(path: Path, work: Work, batch_size: int) -> float:
             ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
             mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
             max_new = max(n for _, n in batch)
-            model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                           do_sample=False, pad_token_id=pad)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                           min_new_tokens=max_new, do_sample=False, pad_token_id=pad)
             useful += sum(n for _, n in batch)
+    _sync(device)
     return useful / (time.perf_counter() - t0)
 
 
-def continuous_batching(path: Path, work: Work) -> float:
+def continuous_batching(path: Path, work: Work, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> float:
     """Output tokens/s of transformers' continuous batching manager (`generate_batch`'s engine).
 
     Each request gets its own max_new_tokens (generate_batch itself takes one for all).
     """
     from transformers import GenerationConfig
 
-    model = load(path)
+    model = load(path, device, dtype)
     config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work),
                               eos_token_id=-1, pad_token_id=0)
     with model.continuous_batching_context_manager(generation_config=config, block=True,

@@ -7,6 +7,9 @@ default model, greedy, float32. In this invocation, on the same requests:
 - llama.cpp (llama-cpp-python, `bench` extra) batching up to --max-num-seqs sequences per
   llama_decode on the default model's GGUF re-encoded as F32,
 and the roofline (matmul GFLOP/s, bandwidth) measured in the same run.
+
+With --device cuda (bfloat16 unless --dtype says otherwise) the same workload runs on the
+GPU against transformers on the GPU; llama.cpp and the CPU roofline are left out.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 from common import make_workload, write_result
 
 
-def run_kvflow(model: str | None, work, max_num_seqs: int) -> float:
+def run_kvflow(model: str | None, work, max_num_seqs: int, device: str, dtype: str) -> float:
     from kvflow import LLM, SamplingParams
 
-    llm = LLM(model, max_num_seqs=max_num_seqs, kv_cache_memory_gb=2.0, disable_log_stats=True)
+    llm = LLM(model, max_num_seqs=max_num_seqs, kv_cache_memory_gb=2.0, disable_log_stats=True,
+              device=device, dtype=dtype)
     warm = [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)]
     llm.generate([{"prompt_token_ids": work[0][0]}], warm, use_tqdm=False)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--json", default="benchmarks/results/offline_throughput.json")
@@ -56,31 +62,39 @@ def main() -> None:
     torch.set_num_threads(2)
     path = resolve_model(args.model)
     work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, args.seed)
-    rates = {"kvflow": run_kvflow(str(path), work, args.max_num_seqs)}
+    on_cpu = args.device == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    rates = {"kvflow": run_kvflow(str(path), work, args.max_num_seqs, args.device, dtype)}
     if not args.skip_hf:
-        rates["hf_static"] = hf_baselines.static_batches(path, work, args.hf_batch_size)
-        rates["hf_continuous"] = hf_baselines.continuous_batching(path, work)
-    if not args.skip_llamacpp and llamacpp.available() and args.model is None:
+        hf = dict(device=args.device, dtype=getattr(torch, dtype))
+        rates["hf_static"] = hf_baselines.static_batches(path, work, args.hf_batch_size, **hf)
+        rates["hf_continuous"] = hf_baselines.continuous_batching(path, work, **hf)
+    if on_cpu and not args.skip_llamacpp and llamacpp.available() and args.model is None:
         longest = max(len(p) + n for p, n in work)
         engine = llamacpp.LlamaCpp(llamacpp.default_model_as("F32"),
                                    max_seqs=args.max_num_seqs, seq_len=longest)
         rates["llamacpp_batched"] = engine.batched(work)
         engine.close()
-    limits = roofline.measure(path)
     ours = rates["kvflow"]
     result = {
         "benchmark": "offline_throughput", "model": path.name, "requests": len(work),
-        "output_tokens": sum(n for _, n in work),
+        "device": args.device, "dtype": dtype, "output_tokens": sum(n for _, n in work),
         "tok_s": {k: round(v, 1) for k, v in rates.items()},
         "ratios": {f"vs_{k}": round(ours / v, 2) for k, v in rates.items() if k != "kvflow"},
-        "roofline": limits,
-        "share_of_compute_roofline": round(ours / limits["compute_bound_tok_s"], 2),
     }
+    limit_text = ""
+    if on_cpu:
+        limits = roofline.measure(path)
+        result["roofline"] = limits
+        result["share_of_compute_roofline"] = round(ours / limits["compute_bound_tok_s"], 2)
+        limit_text = (f"{result['share_of_compute_roofline']:.0%} of the compute roofline "
+                      f"({roofline.describe(limits)}); ")
+    else:
+        result["gpu"] = torch.cuda.get_device_name()
     write_result(args.json, result)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-    print(f"offline_throughput: output tok/s {parts}; ratios {result['ratios']}; "
-          f"{result['share_of_compute_roofline']:.0%} of the compute roofline "
-          f"({roofline.describe(limits)}); {len(work)} requests, {path.name}")
+    print(f"offline_throughput: output tok/s {parts}; ratios {result['ratios']}; {limit_text}"
+          f"{len(work)} requests, {path.name}, {args.device} {dtype}")
 
 
 if __name__ == "__main__":

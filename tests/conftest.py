@@ -28,6 +28,18 @@ def default_model_path() -> Path:
     return resolve_model(None)
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """Tokenizer files for the tiny models: the default model's, or KVFLOW_TEST_TOKENIZER_DIR.
+
+    The override lets the GPU tests run on a machine the packaged model cannot reach.
+    """
+    override = os.environ.get("KVFLOW_TEST_TOKENIZER_DIR")
+    if override:
+        return Path(override)
+    return request.getfixturevalue("default_model_path")
+
+
 def _save_tiny(folder: Path, config: object, tokenizer_src: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -41,7 +53,7 @@ def _save_tiny(folder: Path, config: object, tokenizer_src: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -50,11 +62,11 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, default_model_path
         rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
         architectures=["LlamaForCausalLM"],
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, default_model_path)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from transformers import Qwen2Config
 
     config = Qwen2Config(
@@ -63,4 +75,4 @@ def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, default_model_path
         rope_theta=1000000.0, tie_word_embeddings=False, eos_token_id=2,
         architectures=["Qwen2ForCausalLM"],
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), config, default_model_path)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), config, tokenizer_dir)

@@ -234,10 +234,3 @@ def test_16_bit_dtypes_run(tiny_llama_path: Path, dtype: str) -> None:
     out = llm.generate("Hello there", greedy(5), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5
     assert_core_clean(llm.llm_engine.core)
-
-
-@pytest.mark.gpu
-def test_cuda_matches_transformers(tiny_llama_path: Path) -> None:
-    llm = LLM(str(tiny_llama_path), device="cuda", dtype="float32", gpu_memory_utilization=0.3)
-    prompts = prompt_ids(llm.get_tokenizer())
-    assert kv_generate(llm, prompts, greedy()) == hf_greedy(tiny_llama_path, prompts, NEW_TOKENS)
