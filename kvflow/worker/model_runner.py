@@ -47,8 +47,9 @@ class ModelRunner:
             keep_freed_memory()
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
+        start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
         self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
-        self.num_blocks = self._count_blocks(config)
+        self.num_blocks = self._count_blocks(config, start)
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
         # one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -64,7 +65,7 @@ class ModelRunner:
         self.cpu_kernel = (self.device.type == "cpu" and self.dtype == torch.float32
                            and cpu_kernels.load() is not None)
 
-    def _count_blocks(self, config: EngineConfig) -> int:
+    def _count_blocks(self, config: EngineConfig, start: _CudaMemory | None) -> int:
         cc = config.cache_config
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
@@ -72,9 +73,9 @@ class ModelRunner:
             self.model.num_layers, self.block_size, self.model.num_kv_heads,
             self.model.head_dim, self.dtype,
         )
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = cc.gpu_memory_utilization * total - (total - free)
+        if start is not None:
+            temporary = self._profile_peak_step(config)
+            budget = start.kv_budget(cc.gpu_memory_utilization, temporary)
         else:
             budget = cc.kv_cache_memory_gb * (1 << 30)
         num_blocks = int(budget // per_block)
@@ -84,6 +85,35 @@ class ModelRunner:
                 f"{per_block} bytes per block): raise kv_cache_memory_gb / gpu_memory_utilization"
             )
         return num_blocks
+
+    @torch.inference_mode()
+    def _profile_peak_step(self, config: EngineConfig) -> int:
+        """Run the largest step the scheduler can send, so the peak allocation is measured.
+
+        A full token budget of prefill in sequences of at most max_model_len, logits for every
+        token (prompt logprobs ask for that), one sampling part. Returns the bytes of its
+        temporary KV cache, which the peak includes and the real cache will replace.
+        """
+        num_tokens = config.scheduler_config.max_num_batched_tokens
+        longest = config.model_config.max_model_len
+        query_lens = [min(longest, num_tokens - first) for first in range(0, num_tokens, longest)]
+        blocks = [-(-q // self.block_size) for q in query_lens]
+        tables = [list(range(sum(blocks[:i]), sum(blocks[:i + 1]))) for i in range(len(blocks))]
+        shape = kv_cache_shape(sum(blocks), self.block_size, self.model.num_kv_heads,
+                               self.model.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                  for _ in range(self.model.num_layers)]
+        metadata = build_attention_metadata(query_lens, query_lens, tables, self.block_size,
+                                            self.device)
+        positions = torch.cat([torch.arange(q) for q in query_lens]).to(self.device)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, caches, metadata)
+        logits = self.model.compute_logits(hidden)
+        torch.log_softmax(logits.float(), dim=-1)
+        torch.softmax(logits[:SAMPLE_ROWS].float(), dim=-1).cumsum(-1, dtype=torch.float64)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sum(c.numel() * c.element_size() for c in caches)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
@@ -175,6 +205,48 @@ class ModelRunner:
             targets = torch.tensor(s.request.all_token_ids[start + 1:stop + 1], device=self.device)
             result[i] = _to_lists(compute_prompt_logprobs(logits, targets, k))
         return result
+
+
+class _CudaMemory:
+    """GPU memory at engine start, to size the KV cache as vLLM does.
+
+    gpu_memory_utilization is this engine's share of the whole GPU: its weights, its peak
+    activations (from a profiled step), what CUDA and libraries take outside torch's
+    allocator, and the KV cache together stay within that fraction of total memory. Memory
+    held by other engines or processes does not shrink the share; the GPU must only have it
+    free at start.
+    """
+
+    def __init__(self, device: torch.device, free: int, total: int) -> None:
+        self.device, self.free, self.total = device, free, total
+        self.allocated = torch.cuda.memory_allocated(device)
+        self.reserved = torch.cuda.memory_reserved(device)
+
+    @classmethod
+    def at_start(cls, config: EngineConfig) -> _CudaMemory:
+        device = config.model_config.device
+        torch.cuda.empty_cache()  # this process's cached, unused blocks count as free
+        torch.cuda.reset_peak_memory_stats(device)
+        free, total = torch.cuda.mem_get_info(device)
+        wanted = config.cache_config.gpu_memory_utilization * total
+        if free < wanted:
+            raise ValueError(
+                f"the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB at start, "
+                f"less than gpu_memory_utilization={config.cache_config.gpu_memory_utilization} "
+                f"asks for ({wanted / 2**30:.2f} GiB): lower it or free the GPU")
+        return cls(device, free, total)
+
+    def kv_budget(self, utilization: float, temporary: int) -> float:
+        """Bytes left for the KV cache once weights and the profiled peak step are counted.
+
+        `temporary`: bytes the profiled step held that the KV cache will take the place of.
+        """
+        peak = torch.cuda.max_memory_allocated(self.device) - self.allocated - temporary
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        outside_torch = max(0, (self.free - free)
+                            - (torch.cuda.memory_reserved(self.device) - self.reserved))
+        return utilization * self.total - peak - outside_torch
 
 
 # glibc mallopt parameters (malloc.h)

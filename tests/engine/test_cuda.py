@@ -27,7 +27,7 @@ from tests.engine.test_llm import (
 
 pytestmark = pytest.mark.gpu
 
-CUDA = dict(device="cuda", gpu_memory_utilization=0.3)
+CUDA = dict(device="cuda", gpu_memory_utilization=0.1)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_path", "tiny_qwen2_path"])
@@ -37,6 +37,21 @@ def test_tiny_models_match_transformers(fixture: str, request: pytest.FixtureReq
     assert llm.llm_engine.core.runner.kv_caches[0].device.type == "cuda"
     prompts = prompt_ids(llm.get_tokenizer())
     assert kv_generate(llm, prompts, greedy()) == hf_greedy(path, prompts, NEW_TOKENS)
+
+
+def test_engines_share_the_gpu_by_their_fractions(tiny_llama_path: Path) -> None:
+    first = LLM(str(tiny_llama_path), device="cuda", gpu_memory_utilization=0.2)
+    second = LLM(str(tiny_llama_path), device="cuda", gpu_memory_utilization=0.2)
+    free, total = torch.cuda.mem_get_info()
+    for llm in (first, second):
+        runner = llm.llm_engine.core.runner
+        kv_bytes = sum(c.numel() * c.element_size() for c in runner.kv_caches)
+        # weights and the profiled step take under 5% of an H100-sized GPU for this model
+        assert 0.15 * total < kv_bytes < 0.2 * total
+        assert len(llm.generate("Hello", greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+    too_much = min(1.0, free / total + 0.05)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(str(tiny_llama_path), device="cuda", gpu_memory_utilization=too_much)
 
 
 def test_chunked_prefill_and_preemption_give_the_same_tokens(tiny_llama_path: Path) -> None:

@@ -59,3 +59,26 @@ def test_wide_step_samples_in_parts_with_the_same_tokens_and_logprobs(
     assert parts == whole
     # 22 requests decode together: 5 parts per step instead of 1
     assert part_calls >= whole_calls + 4 * 5
+
+
+def test_profile_step_covers_the_token_budget_in_sequences_of_max_model_len(
+        tiny_llama_path: Path) -> None:
+    # The GPU sizing's profiled step, run on the CPU: 100 tokens of budget, at most 48 per
+    # sequence, is three sequences (48, 48, 4) whose temporary cache the runner reports.
+    llm = LLM(str(tiny_llama_path), kv_cache_memory_gb=0.05, max_model_len=48,
+              max_num_batched_tokens=100)
+    runner = llm.llm_engine.core.runner
+    seen: list[int] = []
+    forward = runner.model.forward
+
+    def counting(input_ids, positions, caches, metadata):  # type: ignore[no-untyped-def]
+        seen.append(input_ids.shape[0])
+        assert positions.tolist() == list(range(48)) * 2 + list(range(4))
+        return forward(input_ids, positions, caches, metadata)
+
+    runner.model.forward = counting
+    temporary = runner._profile_peak_step(llm.llm_engine.core.config)
+    blocks = 3 + 3 + 1  # 16-token blocks
+    per_block = runner.kv_caches[0][:, 0].numel() * runner.kv_caches[0].element_size()
+    assert seen == [100] and temporary == blocks * per_block * runner.model.num_layers
+    assert_core_clean(llm.llm_engine.core)
