@@ -10,6 +10,10 @@ sampling, scheduling, and whatever is left (input preparation, output bookkeepin
 Where a decode step runs each decoder layer as one C call (float32 up to GEMV_MAX_TOKENS
 decodes), linear layers and attention happen inside that call: they are reported together
 as "c_layers", and --split-c-layers turns the whole-layer path off to split them again.
+
+With --device cuda the parts are host (CPU) time, since kernels run asynchronously, and
+"gpu_busy" is the share of the step during which GPU kernels ran: well under 100% means the
+step is bound by the host launching work, not by the GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quantization", default=None, choices=[None, "int8"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--split-c-layers", action="store_true",
                         help="run decode layers op by op, to split linear from attention")
     parser.add_argument("--json", default="benchmarks/results/profile_step.json")
@@ -58,7 +63,7 @@ def main() -> None:
     work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, 0)
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(path), max_num_seqs=args.num_requests, disable_log_stats=True,
-        quantization=args.quantization))
+        quantization=args.quantization, device=args.device))
     core = engine.core
     runner = core.runner
     runner.model.forward = labelled("forward", runner.model.forward)
@@ -86,13 +91,18 @@ def main() -> None:
         engine.step()
     batch = len(core.scheduler.running)
 
-    with torch.profiler.profile() as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             with record_function("step"):
                 engine.step()
         step_s = (time.perf_counter() - t0) / args.steps
-    totals = {e.key: e.cpu_time_total / 1e6 / args.steps for e in prof.key_averages()}
+    # host-side events only: on CUDA each labelled region also appears as a GPU annotation
+    totals = {e.key: e.cpu_time_total / 1e6 / args.steps for e in prof.key_averages()
+              if e.device_type == torch.autograd.DeviceType.CPU}
     linear = totals.get("linear", 0.0) or sum(
         totals.get(k, 0.0) for k in ("mkldnn::_linear_pointwise", "aten::linear"))
     head = totals.get("lm_head", 0.0)
@@ -109,6 +119,13 @@ def main() -> None:
     parts["other"] = totals.get("step", step_s) - sum(parts.values())
     step = totals.get("step", step_s)
     shares = {k: round(100 * v / step, 1) for k, v in parts.items()}
+    if args.device == "cuda":
+        labels = {"step", "forward", "lm_head", "sample", "schedule", "attention", "linear",
+                  "c_layers"}  # their GPU-side annotations span kernels counted already
+        kernels_s = sum(e.self_device_time_total for e in prof.key_averages()
+                        if e.device_type == torch.autograd.DeviceType.CUDA
+                        and e.key not in labels) / 1e6 / args.steps
+        shares["gpu_busy"] = round(100 * kernels_s / step, 1)
     write_result(args.json, {"benchmark": "profile_step", "batch": batch,
                              "step_ms": round(1e3 * step, 1), "share_pct": shares})
     print(f"profile_step: {batch} decodes, step {1e3 * step:.0f} ms: "
