@@ -4,6 +4,11 @@ What they allow:
 - compute-bound tokens/s at large batch = matmul FLOP/s / (2 x linear weights per token),
 - bandwidth-bound tokens/s at batch 1 = read bandwidth / bytes of weights read per token.
 Attention and the small ops are left out of both, so they are upper bounds.
+
+Compute-bound tokens/s counts every token a forward pass takes, prompt tokens included. For
+a workload of (prompt, output length) requests, `workload_bound_output_tok_s` turns it into
+output tokens/s: the least work any engine must do is every prompt token and every output
+token but the last through the decoder layers, and the LM head once per output token.
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ def linear_shapes(config: Any) -> list[tuple[int, int]]:
     layer = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q),
              (inter, hidden), (inter, hidden), (hidden, inter)]
     return layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
+
+
+def workload_flops(config: Any, work: list[tuple[list[int], int]]) -> float:
+    """Linear-layer FLOPs a workload needs at least (no padding, no recomputation)."""
+    shapes = linear_shapes(config)
+    head = config.vocab_size * config.hidden_size
+    layers = sum(n * k for n, k in shapes) - head
+    passes = sum(len(prompt) + n - 1 for prompt, n in work)  # tokens through the layers
+    heads = sum(n for _, n in work)  # positions whose next token is sampled
+    return 2.0 * (layers * passes + head * heads)
+
+
+def workload_bound_output_tok_s(limits: dict[str, Any], config: Any,
+                                work: list[tuple[list[int], int]]) -> float:
+    """Output tokens/s if every linear FLOP the workload needs ran at the measured best."""
+    best = max(limits["matmul_gflops"].values()) * 1e9
+    return sum(n for _, n in work) * best / workload_flops(config, work)
 
 
 def _best_time(fn, repeats: int) -> float:
