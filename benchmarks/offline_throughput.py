@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-hf-continuous", action="store_true",
+                        help="run transformers' static batches only (its CB takes ~10 min)")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--json", default="benchmarks/results/offline_throughput.json")
     args = parser.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
     if not args.skip_hf:
         hf = dict(device=args.device, dtype=getattr(torch, dtype))
         rates["hf_static"] = hf_baselines.static_batches(path, work, args.hf_batch_size, **hf)
-        rates["hf_continuous"] = hf_baselines.continuous_batching(path, work, **hf)
+        if not args.skip_hf_continuous:
+            rates["hf_continuous"] = hf_baselines.continuous_batching(path, work, **hf)
     if on_cpu and not args.skip_llamacpp and llamacpp.available() and args.model is None:
         longest = max(len(p) + n for p, n in work)
         engine = llamacpp.LlamaCpp(llamacpp.default_model_as("F32"),

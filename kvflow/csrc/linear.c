@@ -4,8 +4,8 @@
  * bandwidth: every weight is read once per step and used T times. Here each thread walks
  * whole weight rows front to back (one sequential stream the hardware prefetcher follows;
  * interleaving several rows measured a third slower at one token), and each row, once in
- * L1, serves all T tokens, four at a time. From 8 tokens on, with AVX2, rows go three at a
- * time against four tokens, so that arithmetic rather than loads sets the pace. Work is
+ * L1, serves all T tokens, four at a time. From 8 tokens on, with AVX2, rows go six at a
+ * time against two tokens, so that arithmetic rather than loads sets the pace. Work is
  * split over rows.
  *
  * The int8 variant reads weights of one byte with one float scale per row (symmetric,
@@ -68,48 +68,47 @@ static void dot4(const float *w, const float *x, int64_t stride, int64_t K, floa
     }
 }
 
-/* Three rows against four tokens: sums[r * 4 + j] = w_r · x_j (rows K apart, tokens
- * `stride` apart). Twelve accumulators: each weight vector loaded serves four tokens and
- * each activation vector three rows, so the FMA units, not the loads, set the pace. */
-static void dot3x4(const float *w, int64_t K, const float *x, int64_t stride, float *sums)
+/* Six rows against two tokens: sums[r * 2 + j] = w_r · x_j (rows K apart, tokens `stride`
+ * apart). Twelve accumulators: each activation vector loaded serves six rows and each
+ * weight vector two tokens. The activations of all T tokens exceed L1 and come from L2
+ * for every group of rows, the rows' own vectors stay in L1: two L2 loads per twelve FMAs
+ * (three rows against four tokens took four, and ran 13-17% slower at 16-64 tokens). */
+static void dot6x2(const float *w, int64_t K, const float *x, int64_t stride, float *sums)
 {
-    __m256 acc[3][4];
-    for (int r = 0; r < 3; ++r)
-        for (int j = 0; j < 4; ++j)
-            acc[r][j] = _mm256_setzero_ps();
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; ++r)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k),
-                     w2 = _mm256_loadu_ps(w + 2 * K + k);
-        for (int j = 0; j < 4; ++j) {
-            const __m256 xv = _mm256_loadu_ps(x + j * stride + k);
-            acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
-            acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
-            acc[2][j] = _mm256_fmadd_ps(w2, xv, acc[2][j]);
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + stride + k);
+        for (int r = 0; r < 6; ++r) {
+            const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
         }
     }
-    for (int r = 0; r < 3; ++r) {
-        _mm_storeu_ps(sums + r * 4, hsum8x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    for (int r = 0; r < 6; r += 2)  /* rows r and r + 1: four consecutive sums */
+        _mm_storeu_ps(sums + r * 2, hsum8x4(acc[r][0], acc[r][1], acc[r + 1][0], acc[r + 1][1]));
+    for (int r = 0; r < 6; ++r)
         for (int64_t kk = k; kk < K; ++kk)
-            for (int j = 0; j < 4; ++j)
-                sums[r * 4 + j] += w[r * K + kk] * x[j * stride + kk];
-    }
+            for (int j = 0; j < 2; ++j)
+                sums[r * 2 + j] += w[r * K + kk] * x[j * stride + kk];
 }
 
-/* Rows n..n+2 against every token, into columns n..n+2 of out. */
-static void rows3_times_tokens(const float *w, const float *x, const float *bias, float *out,
+/* Rows n..n+5 against every token, into columns n..n+5 of out. */
+static void rows6_times_tokens(const float *w, const float *x, const float *bias, float *out,
                                int64_t T, int64_t N, int64_t K, int64_t n)
 {
     float sums[12];
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) {
-        dot3x4(w + n * K, K, x + t * K, K, sums);
-        for (int r = 0; r < 3; ++r)
-            for (int j = 0; j < 4; ++j)
-                out[(t + j) * N + n + r] = sums[r * 4 + j] + (bias ? bias[n + r] : 0.f);
+    for (; t + 2 <= T; t += 2) {
+        dot6x2(w + n * K, K, x + t * K, K, sums);
+        for (int r = 0; r < 6; ++r)
+            for (int j = 0; j < 2; ++j)
+                out[(t + j) * N + n + r] = sums[r * 2 + j] + (bias ? bias[n + r] : 0.f);
     }
     for (; t < T; ++t)
-        for (int r = 0; r < 3; ++r)
+        for (int r = 0; r < 6; ++r)
             out[t * N + n + r] = dot1(w + (n + r) * K, x + t * K, K) + (bias ? bias[n + r] : 0.f);
 }
 
@@ -181,8 +180,10 @@ static void row_times_tokens(const float *w, const float *x, float *out, int64_t
         out[t * N + n] = dot1(w, x + t * K, K) * scale + bias;
 }
 
-/* From this many tokens on, rows go three at a time (dot3x4): 95-108 GFLOP/s at 16-64
- * tokens here, against 74-77 one row at a time and 69-107 for oneDNN (BENCHMARKS.md). */
+/* From this many tokens on, rows go six at a time (dot6x2): 107-138 GFLOP/s at 16-64
+ * tokens here, 13-17% above three rows against four tokens, which beat one row at a time
+ * (74-77) and oneDNN (69-107) (BENCHMARKS.md). Below 8 tokens the weights' bandwidth sets
+ * the pace and both ways run level. */
 #define TILE_MIN_TOKENS 8
 
 void kvflow_linear_f32(const float *x, const float *w, const float *bias, float *out,
@@ -190,14 +191,14 @@ void kvflow_linear_f32(const float *x, const float *w, const float *bias, float 
 {
 #if defined(__AVX2__) && defined(__FMA__)
     if (T >= TILE_MIN_TOKENS) {
-        const int64_t triples = N / 3;
+        const int64_t groups = N / 6;
 #pragma omp parallel num_threads(num_threads)
         {
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < triples; ++g)
-                rows3_times_tokens(w, x, bias, out, T, N, K, 3 * g);
+            for (int64_t g = 0; g < groups; ++g)
+                rows6_times_tokens(w, x, bias, out, T, N, K, 6 * g);
 #pragma omp for schedule(static)
-            for (int64_t n = 3 * triples; n < N; ++n)
+            for (int64_t n = 6 * groups; n < N; ++n)
                 row_times_tokens(w + n * K, x, out, T, N, K, n, 1.f, bias ? bias[n] : 0.f);
         }
         return;

@@ -127,17 +127,17 @@ def test_rotary_cache_write_matches_torch() -> None:
     assert flat[:, untouched].isnan().all()
 
 
-# 8 and more tokens take the three-row tiles (33 rows: eleven; 70 = 8 * 8 + 6: a tail in K);
-# 9 and 13 leave token tails.
+# 8 and more tokens take the six-row tiles (36 rows: six; 70 = 8 * 8 + 6: a tail in K);
+# 9 and 13 leave a token tail.
 @pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 13, 64])
 def test_linear_kernels_match_torch(tokens: int) -> None:
     from kvflow.model.quant import quantize_int8
 
     torch.manual_seed(tokens)
-    x, weight, bias = torch.randn(tokens, 70), torch.randn(33, 70), torch.randn(33)
+    x, weight, bias = torch.randn(tokens, 70), torch.randn(36, 70), torch.randn(36)
     torch.testing.assert_close(cpu_kernels.linear_f32(x, weight, bias),
                                torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
-    for rows in (34, 35):  # one and two rows past the last triple
+    for rows in (37, 41):  # one and five rows past the last group of six
         w2, b2 = torch.randn(rows, 64), torch.randn(rows)
         torch.testing.assert_close(cpu_kernels.linear_f32(x[:, :64], w2, b2),
                                    torch.nn.functional.linear(x[:, :64], w2, b2),
