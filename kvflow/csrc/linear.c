@@ -180,10 +180,10 @@ static void row_times_tokens(const float *w, const float *x, float *out, int64_t
         out[t * N + n] = dot1(w, x + t * K, K) * scale + bias;
 }
 
-/* From this many tokens on, rows go six at a time (dot6x2): 107-138 GFLOP/s at 16-64
- * tokens here, 13-17% above three rows against four tokens, which beat one row at a time
- * (74-77) and oneDNN (69-107) (BENCHMARKS.md). Below 8 tokens the weights' bandwidth sets
- * the pace and both ways run level. */
+/* From this many tokens on, rows go six at a time (dot6x2): 8-22% faster at 8-64 tokens
+ * than three rows against four tokens, which beat one row at a time; level with oneDNN at
+ * 64 tokens and ahead below (BENCHMARKS.md). Under 8 tokens the weights' bandwidth sets
+ * the pace and the one-row code runs level with the tiles. */
 #define TILE_MIN_TOKENS 8
 
 void kvflow_linear_f32(const float *x, const float *w, const float *bias, float *out,

@@ -20,7 +20,7 @@ def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 
 
 # Token counts up to which the C kernels beat oneDNN here (BENCHMARKS.md): float32 from 8
-# tokens on runs six weight rows against two tokens at a time, ~25% above oneDNN at 64.
+# tokens on runs six weight rows against two tokens at a time, level with oneDNN at 64.
 GEMV_MAX_TOKENS = 64
 INT8_GEMV_MAX_TOKENS = 64
 
