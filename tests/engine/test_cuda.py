@@ -46,8 +46,8 @@ def test_engines_share_the_gpu_by_their_fractions(tiny_llama_path: Path) -> None
     for llm in (first, second):
         runner = llm.llm_engine.core.runner
         kv_bytes = sum(c.numel() * c.element_size() for c in runner.kv_caches)
-        # weights and the profiled step take under 5% of an H100-sized GPU for this model
-        assert 0.15 * total < kv_bytes < 0.2 * total
+        # weights and the profiled step (logits of 4,096 tokens) take under 4 GiB here
+        assert 0.2 * total - 4 * 2**30 < kv_bytes < 0.2 * total
         assert len(llm.generate("Hello", greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
     too_much = min(1.0, free / total + 0.05)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
