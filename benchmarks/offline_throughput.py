@@ -92,7 +92,7 @@ def main() -> None:
         limits = roofline.measure(path)
         bound = roofline.workload_bound_output_tok_s(limits, AutoConfig.from_pretrained(path),
                                                      work)
-        processed = ours * sum(len(p) + n - 1 for p, n in work) / sum(n for _, n in work)
+        processed = ours * roofline.token_passes(work) / sum(n for _, n in work)
         result["roofline"] = limits
         result["workload_bound_output_tok_s"] = round(bound, 1)
         result["share_of_compute_roofline"] = round(ours / bound, 2)

@@ -33,14 +33,19 @@ def linear_shapes(config: Any) -> list[tuple[int, int]]:
     return layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
 
 
+def token_passes(work: list[tuple[list[int], int]]) -> int:
+    """Tokens a workload must run through the decoder layers: each prompt token, and each
+    output token but the last (it is never fed back)."""
+    return sum(len(prompt) + n - 1 for prompt, n in work)
+
+
 def workload_flops(config: Any, work: list[tuple[list[int], int]]) -> float:
     """Linear-layer FLOPs a workload needs at least (no padding, no recomputation)."""
     shapes = linear_shapes(config)
     head = config.vocab_size * config.hidden_size
     layers = sum(n * k for n, k in shapes) - head
-    passes = sum(len(prompt) + n - 1 for prompt, n in work)  # tokens through the layers
     heads = sum(n for _, n in work)  # positions whose next token is sampled
-    return 2.0 * (layers * passes + head * heads)
+    return 2.0 * (layers * token_passes(work) + head * heads)
 
 
 def workload_bound_output_tok_s(limits: dict[str, Any], config: Any,

@@ -31,12 +31,12 @@
 #include "vec.h"
 #endif
 
-/* Prefetch 1/n of `block` (bytes long): part j of n, so a block's n tokens fetch the next. */
-static inline void prefetch_part(const float *block, int64_t bytes, int64_t j, int64_t n)
+/* Prefetch cache lines j * per .. (j + 1) * per - 1 of `block` (`lines` long), so that the
+ * block_size tokens of one block, each fetching its part, fetch the whole next block. */
+static inline void prefetch_part(const float *block, int64_t lines, int64_t per, int64_t j)
 {
     if (block == NULL)
         return;
-    const int64_t lines = (bytes + 63) / 64, per = (lines + n - 1) / n;
     const char *p = (const char *)block;
     for (int64_t l = j * per; l < (j + 1) * per && l < lines; ++l)
         __builtin_prefetch(p + l * 64, 0, 3);
@@ -73,6 +73,9 @@ int kvflow_paged_decode_attention(
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim;
     const int64_t block_stride = block_size * token_stride;
+    /* Only a full block has a next one, so each of its block_size tokens prefetches `per`. */
+    const int64_t lines = (block_stride * (int64_t)sizeof(float) + 63) / 64;
+    const int64_t per = (lines + block_size - 1) / block_size;
     int failed = 0;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
@@ -93,7 +96,7 @@ int kvflow_paged_decode_attention(
                 ? key_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
-                prefetch_part(k_next, block_stride * (int64_t)sizeof(float), j, n);
+                prefetch_part(k_next, lines, per, j);
                 for (int64_t h = 0; h < num_heads; ++h) {
                     const float *k = k_block + j * token_stride + (h / group) * head_dim;
                     const float *qh = q + h * head_dim;
@@ -123,7 +126,7 @@ int kvflow_paged_decode_attention(
                 ? value_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
-                prefetch_part(v_next, block_stride * (int64_t)sizeof(float), j, n);
+                prefetch_part(v_next, lines, per, j);
                 for (int64_t h = 0; h < num_heads; ++h) {
                     const float *v = v_block + j * token_stride + (h / group) * head_dim;
                     const float w = scores[h * len + t0 + j];
