@@ -66,6 +66,12 @@ class ServerMetrics:
                                     "Fraction of KV-cache blocks in use (1 = full)")
         self.prefix_hit_rate = gauge("kvflow:prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start")
+        self.frontend_requests = gauge(
+            "kvflow:frontend_requests",
+            "Requests the server's engine client holds state for (n > 1: each child)")
+        self.rejected_overload = Counter(
+            "kvflow:requests_rejected_overload", "Requests refused with 503 while too many "
+            "requests were waiting", names, registry=self.registry).labels(**self.labels)
         self.stat_counters = {
             field: Counter(name, doc, names, registry=self.registry).labels(**self.labels)
             for field, (name, doc) in _STAT_COUNTERS.items()
@@ -105,6 +111,12 @@ class ServerMetrics:
             # Counters only go up: add what the core counted since the last scrape.
             counter.inc(max(0, total - self._last_totals[field]))
             self._last_totals[field] = max(total, self._last_totals[field])
+
+    def update_frontend(self, num_tracked: int) -> None:
+        self.frontend_requests.set(num_tracked)
+
+    def overloaded(self) -> None:
+        self.rejected_overload.inc()
 
     def engine_dead(self) -> None:
         """A dead engine runs nothing: gauges must not keep its last numbers."""

@@ -8,6 +8,11 @@ from enum import IntEnum
 from typing import Any
 
 _SAMPLING_EPS = 1e-5
+_INT64 = range(-(2**63), 2**63)  # every integer crosses the process boundary as int64
+
+
+def _is_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT64
 
 
 class RequestOutputKind(IntEnum):
@@ -117,11 +122,13 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
+        is_int = _is_int64
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "an integer >= 1")
+        for name in ("top_k", "seed", "max_tokens", "min_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not _is_int64(value):
+                raise bad(name, "within the 64-bit integer range")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -163,7 +170,7 @@ class SamplingParams:
             raise bad("allowed_token_ids", "a non-empty list of non-negative integers")
         if self.logit_bias is not None:
             for token_id, bias in self.logit_bias.items():
-                if token_id < 0 or not -100.0 <= bias <= 100.0:
+                if not 0 <= token_id < 2**63 or not -100.0 <= bias <= 100.0:
                     raise ValueError(
                         f"logit_bias entries must map token ids >= 0 to biases in [-100, 100], "
                         f"got {token_id}: {bias}"

@@ -82,31 +82,42 @@ class AsyncLLM:
         text, ids = await self._tokenize(prompt, tokenization_kwargs)
         arrival = arrival_time if arrival_time is not None else time.time()
         self._ensure_output_handler()
-        collector = RequestOutputCollector(params.output_kind)
-        if params.n == 1:
-            requests = [self.processor.make_request(request_id, ids, params, arrival, priority)]
-            parent = None
-        else:
-            parent = ParentRequest(request_id, params)
-            requests = [
-                self.processor.make_request(cid, ids, parent.child_params(i), arrival, priority)
-                for i, cid in enumerate(parent.child_ids)
-            ]
+        base = await self._make_request(request_id, ids, params, arrival, priority)
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")  # raced
-        if parent is not None:
-            self.parents[request_id] = parent
-        for i, req in enumerate(requests):
-            self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
-                                              arrival, parent=parent, index=i,
-                                              sink=collector.put)
-        self._idle.clear()
-        for req in requests:
-            if self._paused:
-                self.held.append(req)
-            else:
-                self.engine_core.add_request(req)
+        collector = RequestOutputCollector(params.output_kind)
+        parent = ParentRequest(request_id, base.sampling_params) if params.n > 1 else None
+        requests = [base] if parent is None else [
+            msgspec.structs.replace(base, request_id=cid, sampling_params=parent.child_params(i))
+            for i, cid in enumerate(parent.child_ids)
+        ]
+        try:  # from the first registration on, a failure must undo everything
+            if parent is not None:
+                self.parents[request_id] = parent
+            for i, req in enumerate(requests):
+                self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
+                                                  arrival, parent=parent, index=i,
+                                                  sink=collector.put)
+            self._idle.clear()
+            for req in requests:
+                if self._paused:
+                    self.held.append(req)
+                else:
+                    self.engine_core.add_request(req)
+        except BaseException:
+            self._abort_quietly(request_id)
+            raise
         return collector
+
+    async def _make_request(self, request_id: str, ids: list[int], params: SamplingParams,
+                            arrival: float, priority: int) -> EngineCoreRequest:
+        """Validate once (children share the result); heavy checks run off the event loop."""
+        heavy = (params.structured_outputs is not None or bool(params.bad_words)
+                 or len(params.allowed_token_ids or ()) > 256 or len(ids) > 4096)
+        if heavy:  # grammar compilation, tokenizing bad words, scanning long lists
+            return await asyncio.to_thread(self.processor.make_request, request_id, ids, params,
+                                           arrival, priority)
+        return self.processor.make_request(request_id, ids, params, arrival, priority)
 
     async def _tokenize(self, prompt: PromptType,
                         kwargs: dict[str, Any] | None) -> tuple[str | None, list[int]]:
@@ -279,6 +290,10 @@ class AsyncLLM:
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        """Requests (children of n > 1 counted one by one) this client still tracks."""
+        return len(self.output_processor.states)
 
     async def get_scheduler_stats(self) -> SchedulerStats:
         stats = await self.engine_core.call_utility("get_stats")

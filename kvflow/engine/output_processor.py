@@ -217,13 +217,14 @@ class OutputProcessor:
             state.prompt_logprobs.append(self._to_dict(ids, lps, rank))
 
     def _fail(self, state: RequestState, exc: Exception, result: ProcessedOutputs) -> None:
+        """End a failed request, and its n > 1 siblings: nobody will read what they make."""
         from kvflow.errors import EngineGenerateError
 
-        self.states.pop(state.request_id, None)
-        result.reqs_to_abort.append(state.request_id)
+        ids = [state.request_id] if state.parent is None else state.parent.child_ids
+        for request_id in ids:
+            if self.states.pop(request_id, None) is not None or request_id == state.request_id:
+                result.reqs_to_abort.append(request_id)
         error = EngineGenerateError(f"request {state.request_id} failed: {exc!r}")
-        if state.parent is not None:
-            state.parent.fail(error)
         if state.sink is not None:
             state.sink(error)
         else:

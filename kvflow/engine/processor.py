@@ -16,6 +16,19 @@ if TYPE_CHECKING:
 PromptType = str | Mapping[str, Any]
 
 
+def check_unicode(text: str, where: str) -> None:
+    """A lone surrogate (possible in a Python str, never in UTF-8) is a ValueError saying where."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start}"
+        ) from None
+
+
 def load_tokenizer(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -60,6 +73,7 @@ class Processor:
         assert text is not None
         if not text:
             raise ValueError("the prompt is empty")
+        check_unicode(text, "prompt")
         kwargs = dict(tokenization_kwargs or {})
         ids = self.tokenizer(text, **kwargs)["input_ids"]
         return text, list(ids)
@@ -89,6 +103,8 @@ class Processor:
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if not -(2**63) <= priority < 2**63:
+            raise ValueError(f"priority must be within the 64-bit integer range, got {priority}")
         self._check_prompt(prompt_ids)
         mc = self.model_config
         for name in ("logprobs", "prompt_logprobs"):
@@ -96,8 +112,12 @@ class Processor:
             if value is not None and value > mc.max_logprobs:
                 raise ValueError(f"{name} must be <= max_logprobs ({mc.max_logprobs}), got {value}")
         self._check_fits(len(prompt_ids), params)
+        for index, stop in enumerate(params.stop or ()):
+            check_unicode(stop, f"stop[{index}]")
         params = params.clone()
         params.all_stop_token_ids |= set(self.eos_token_ids)
+        if params.allowed_token_ids is not None:  # each step masks these: no repeats
+            params.allowed_token_ids = sorted(set(params.allowed_token_ids))
         if params.bad_words:
             params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         self._check_token_ids(params)
@@ -158,10 +178,11 @@ class Processor:
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each word as tokenized alone and after a space (vLLM's rule)."""
-        result: list[list[int]] = []
-        for word in words:
+        seen: dict[tuple[int, ...], None] = {}  # ordered, and linear: a list scan was quadratic
+        for index, word in enumerate(words):
+            check_unicode(word, f"bad_words[{index}]")
             for variant in (word.lstrip(), " " + word.lstrip()):
                 ids = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-                if ids and ids not in result:
-                    result.append(list(ids))
-        return result
+                if ids:
+                    seen.setdefault(tuple(ids))
+        return [list(ids) for ids in seen]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 from kvflow.outputs import CompletionOutput, RequestOutput
 from kvflow.sampling_params import RequestOutputKind, SamplingParams
@@ -20,11 +21,14 @@ class ParentRequest:
         self.num_finished = 0
 
     def child_params(self, index: int) -> SamplingParams:
-        """Each child samples once; a seeded parent gives child i the seed + i."""
-        params = self.params.clone()
+        """Each child samples once; a seeded parent gives child i the seed + i (int64 wraps).
+
+        A shallow copy: the lists (stop strings, bad-word ids) are shared and never changed.
+        """
+        params = copy.copy(self.params)
         params.n = 1
         if params.seed is not None:
-            params.seed += index
+            params.seed = (params.seed + index + 2**63) % 2**64 - 2**63
         return params
 
     def add_child_output(self, completion: CompletionOutput,
@@ -39,10 +43,6 @@ class ParentRequest:
                 return None
             return [c for c in self.completions if c is not None], True
         return [completion], finished
-
-    def fail(self, error: BaseException) -> None:
-        """A failed child counts as finished, so the parent's stream can still end."""
-        self.num_finished += 1
 
 
 class RequestOutputCollector:

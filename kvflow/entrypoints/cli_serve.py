@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from kvflow.config import AsyncEngineArgs
+from kvflow.entrypoints.openai.limits import ServerLimits
 
 SubParsers = argparse._SubParsersAction
 
@@ -39,6 +40,7 @@ def _serve_parser(sub: SubParsers) -> None:
                    help="require `Authorization: Bearer KEY` (default: $KVFLOW_API_KEY)")
     p.add_argument("--disable-access-log", action="store_true",
                    help="do not log one line per HTTP request")
+    ServerLimits.add_cli_args(p)
     AsyncEngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -109,11 +111,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args.model = args.model or args.model_option
+    limits = ServerLimits.from_cli_args(args)  # a bad limit fails before the model loads
     api_key = args.api_key or os.environ.get("KVFLOW_API_KEY") or None
     sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    engine_died = False
     try:
         with _children_ignore_sigint():
             engine = AsyncLLM.from_engine_args(_engine_args(args))
@@ -122,19 +126,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gc.freeze()
         try:
             served = args.served_model_name or [args.model or engine.config.model_config.model]
-            ctx = ServingContext(engine, served, ServerMetrics(served[0]))
+            ctx = ServingContext(engine, served, ServerMetrics(served[0]), limits)
             app = build_app(ctx, api_key)
             text = usage_text(f"http://{shown_host}:{port}", served[0], api_key)
-            asyncio.run(serve_http(app, sock, lambda: print(text, flush=True),
-                                   log_level=args.log_level.lower(),
-                                   access_log=not args.disable_access_log))
+            engine_died = asyncio.run(serve_http(app, sock, lambda: print(text, flush=True),
+                                                 log_level=args.log_level.lower(),
+                                                 access_log=not args.disable_access_log))
         finally:
             engine.shutdown()
     except KeyboardInterrupt:
         pass
     finally:
         sock.close()
-    return 0
+    # Non-zero after the engine died (as vLLM's server): a supervisor restarts the server.
+    return 1 if engine_died else 0
 
 
 # ---- chat -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -25,6 +26,8 @@ _TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
     499: "ClientClosedRequest",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
@@ -34,11 +37,13 @@ _TYPES = {
 class OpenAIError(Exception):
     """An error a handler returns to the client with its HTTP status."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+        self.headers = headers
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
@@ -53,8 +58,9 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-def error_response(message: str, status: int, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status)
+def error_response(message: str, status: int, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
 
 def error_from_exception(exc: BaseException) -> OpenAIError:
@@ -78,8 +84,9 @@ def _param_of(message: str) -> str | None:
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"priority"}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = list(exc.errors())
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """pydantic's errors as one message, and the parameter of the first."""
+    errors = list(errors)
     if not errors:
         return "invalid request", None
     first = errors[0]
@@ -112,12 +119,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.message, exc.status, exc.param)
+        return error_response(exc.message, exc.status, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # vLLM answers 400 (not FastAPI's 422) to bodies that are not valid requests.
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return error_response(message, 400, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -134,5 +141,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
+        err = error_from_exception(exc)
+        return error_response(err.message, err.status, err.param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette's last resort answers text/plain; a client always gets OpenAI's shape.
         err = error_from_exception(exc)
         return error_response(err.message, err.status, err.param)

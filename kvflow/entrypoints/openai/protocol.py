@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from kvflow.entrypoints.openai.limits import INT64_MAX, INT64_MIN
+
+# Every integer a client sends fits int64, as in vLLM (msgpack and torch need no more).
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+def _check_prompt(value: Any) -> PromptInput:
+    """One pass per element: pydantic's union of four list types took seconds on a big list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if all(type(v) is str for v in value):
+            return value
+        if all(type(v) is int for v in value):
+            return value
+        if all(type(v) is list and all(type(t) is int for t in v) for v in value):
+            return value
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a "
+                     "list of lists of token ids")
 
 
 class OpenAIBaseModel(BaseModel):
@@ -39,36 +60,36 @@ class SamplingRequest(RequestModel):
     model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    max_tokens: int | None = None
+    n: Int64 = 1
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extra sampling parameters
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: Int64 | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[Int64] | None = None
     bad_words: list[str] | None = None
-    priority: int = 0
+    priority: Int64 = 0
     cache_salt: str | None = None
-    prompt_logprobs: int | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    prompt_logprobs: Int64 | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     return_tokens_as_token_ids: bool | None = None
     # Known parameters the engine cannot honour yet: refused with a 400 when set.
     response_format: ResponseFormat | None = None
-    best_of: int | None = None
+    best_of: Int64 | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -82,9 +103,10 @@ class SamplingRequest(RequestModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[PromptInput, PlainValidator(_check_prompt,
+                                                  json_schema_input_type=PromptInput)]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Int64 | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
 
@@ -101,9 +123,9 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -250,6 +272,7 @@ class TokenizeChatRequest(RequestModel):
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
 
 
 class TokenizeResponse(OpenAIBaseModel):

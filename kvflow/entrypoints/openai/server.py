@@ -26,6 +26,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvflow import __version__
+from kvflow.entrypoints.openai.body import add_body_schemas, body_schema
 from kvflow.entrypoints.openai.errors import OpenAIError, error_response, install_error_handlers
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -54,6 +55,8 @@ OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 GRACEFUL_SHUTDOWN_S = 5  # after this, uvicorn cancels whatever is still running
 
 router = APIRouter()
+BODY_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeCompletionRequest,
+               TokenizeChatRequest, DetokenizeRequest)
 
 
 def _ctx(raw: Request) -> ServingContext:
@@ -77,13 +80,17 @@ async def _respond(raw: Request, work: Awaitable[BaseModel | AsyncIterator[BaseM
                              headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/v1/completions")
-async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+# Routes take the raw request: ServingContext.parse reads the body within its limits and
+# validates it off the event loop (body_schema keeps the OpenAPI schema's body models).
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+async def create_completion(raw: Request) -> Response:
+    request = await _ctx(raw).parse(raw, CompletionRequest)
     return await _respond(raw, raw.app.state.completions.create(request))
 
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+async def create_chat_completion(raw: Request) -> Response:
+    request = await _ctx(raw).parse(raw, ChatCompletionRequest)
     return await _respond(raw, raw.app.state.chat.create(request))
 
 
@@ -125,6 +132,7 @@ async def version() -> dict[str, str]:
 @router.get("/metrics")
 async def metrics(raw: Request) -> Response:
     ctx = _ctx(raw)
+    ctx.metrics.update_frontend(ctx.engine.get_num_unfinished_requests())
     if ctx.engine.errored:
         ctx.metrics.engine_dead()
     else:
@@ -136,33 +144,37 @@ async def metrics(raw: Request) -> Response:
     return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
 
-@router.post("/tokenize")
-async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest,
-                   raw: Request) -> TokenizeResponse:
+@router.post("/tokenize", openapi_extra=body_schema(TokenizeCompletionRequest,
+                                                    TokenizeChatRequest))
+async def tokenize(raw: Request) -> TokenizeResponse:
     ctx = _ctx(raw)
+    request = await ctx.parse(raw, TokenizeCompletionRequest | TokenizeChatRequest)
     ctx.check_model(request.model)
     if isinstance(request, TokenizeChatRequest):
-        text = render_chat(ctx.engine, request.messages, request.add_generation_prompt,
-                           request.continue_final_message, request.chat_template_kwargs)
+        text = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                 request.continue_final_message, request.chat_template_kwargs,
+                                 request.chat_template)
         param = "messages"
     else:
         text, param = request.prompt, "prompt"
     ids = await ctx.tokenize(text, request.add_special_tokens, param) if text else []
     strs = None
     if request.return_token_strs:
-        strs = list(ctx.engine.get_tokenizer().convert_ids_to_tokens(ids))
+        strs = await ctx.run(ctx.engine.get_tokenizer().convert_ids_to_tokens, ids)
     return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
                             token_strs=strs)
 
 
-@router.post("/detokenize")
-async def detokenize(request: DetokenizeRequest, raw: Request) -> DetokenizeResponse:
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+async def detokenize(raw: Request) -> DetokenizeResponse:
     ctx = _ctx(raw)
+    request = await ctx.parse(raw, DetokenizeRequest)
     ctx.check_model(request.model)
-    vocab = ctx.engine.config.model_config.vocab_size
+    vocab = ctx.vocab_size
     if any(not 0 <= t < vocab for t in request.tokens):
         raise OpenAIError(f"tokens must be ids in 0..{vocab - 1}", 400, "tokens")
-    return DetokenizeResponse(prompt=ctx.engine.get_tokenizer().decode(request.tokens))
+    text = await ctx.run(ctx.engine.get_tokenizer().decode, request.tokens)
+    return DetokenizeResponse(prompt=text)
 
 
 class APIKeyMiddleware:
@@ -191,12 +203,14 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         yield
         await ctx.abort_all()
         ctx.engine.shutdown()
+        ctx.close()
 
     app = FastAPI(title="kvflow", version=__version__, lifespan=lifespan)
     app.state.serving = ctx
     app.state.completions = OpenAIServingCompletion(ctx)
     app.state.chat = OpenAIServingChat(ctx)
     app.include_router(router)
+    add_body_schemas(app, BODY_MODELS)
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -204,13 +218,32 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, plus hooks: once listening, and when a stop signal arrives."""
+    """uvicorn's server, plus hooks (listening, stop signal) and a stop when the engine dies."""
+
+    # A dead engine stops the server within about this long (plus uvicorn's 0.1 s tick).
+    ENGINE_CHECK_INTERVAL_S = 0.25
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None],
                  on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._on_exit = on_exit
+        self.engine_died = False
+
+    async def exit_when_engine_dies(self, is_dead: Callable[[], bool]) -> None:
+        """Shut down once `is_dead()`, so a supervisor can restart the whole server.
+
+        A graceful shutdown: in-flight requests have already been handed the engine's error,
+        and uvicorn lets their responses (a 503, an SSE error event) finish first.
+        """
+        while not self.should_exit:  # a stop signal first: a normal exit, not a death
+            if is_dead():
+                logger.error("the engine core died: stopping the server (exit code 1) so that "
+                             "a supervisor can restart it")
+                self.engine_died = True
+                self.should_exit = True
+                return
+            await asyncio.sleep(self.ENGINE_CHECK_INTERVAL_S)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -237,8 +270,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve_http(app: FastAPI, sock: socket.socket, on_started: Callable[[], None],
-                     **uvicorn_kwargs: Any) -> None:
-    """Serve until a stop signal; in-flight requests are aborted when it arrives."""
+                     **uvicorn_kwargs: Any) -> bool:
+    """Serve until a stop signal or the engine's death; True when the engine died.
+
+    A stop signal aborts in-flight requests; a dead engine has failed them already.
+    """
     ctx: ServingContext = app.state.serving
     loop = asyncio.get_running_loop()
     aborting: set[asyncio.Task[None]] = set()
@@ -253,4 +289,9 @@ async def serve_http(app: FastAPI, sock: socket.socket, on_started: Callable[[],
     config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                             **uvicorn_kwargs)
     server = GracefulServer(config, on_started, on_exit)
-    await server.serve(sockets=[sock])
+    watcher = loop.create_task(server.exit_when_engine_dies(lambda: ctx.engine.errored))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+    return server.engine_died

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from kvflow.engine.async_llm import AsyncLLM
+from kvflow.engine.processor import Processor
 from kvflow.entrypoints.openai.errors import OpenAIError
 from kvflow.entrypoints.openai.protocol import (
     AssistantMessage,
@@ -21,6 +22,7 @@ from kvflow.entrypoints.openai.protocol import (
     DeltaMessage,
     TopLogprob,
 )
+from kvflow.entrypoints.openai.request_checks import check_sampling_bounds, check_template_kwargs
 from kvflow.entrypoints.openai.serving_completion import TokenNamer
 from kvflow.entrypoints.openai.serving_engine import (
     ServingContext,
@@ -55,39 +57,93 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return result
 
 
-def render_chat(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
-                continue_final_message: bool, template_kwargs: dict[str, Any] | None) -> str:
-    """Apply the model's chat template; any failure is the request's (400)."""
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
+                      add_generation_prompt: bool, continue_final_message: bool,
+                      template_kwargs: dict[str, Any] | None,
+                      request_template: str | None = None) -> str:
+    """Apply the chat template in the pool, within a time limit; any failure is a 400.
+
+    The model's own template renders in transformers' sandbox; a request's own template (only
+    under --trust-request-chat-template) in a worker process with memory and output limits.
+    """
     if add_generation_prompt and continue_final_message:
         raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
                           "true", 400, "continue_final_message")
-    converted = [template_message(m) for m in messages]
-    kwargs = dict(template_kwargs or {})
-    if continue_final_message:
-        kwargs["continue_final_message"] = True
+    trusted = ctx.limits.trust_request_chat_template
+    template = check_template_kwargs(template_kwargs, trusted)
+    if request_template is not None:
+        if not trusted:
+            raise OpenAIError("chat_template: a request-supplied chat template is not allowed "
+                              "(the server runs without --trust-request-chat-template)", 400,
+                              "chat_template")
+        template = request_template
+    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
+    timeout = ctx.limits.chat_template_timeout_s
     try:
-        return engine.processor.apply_chat_template(
-            converted, add_generation_prompt=add_generation_prompt, **kwargs)
+        if template is None:
+            work = ctx.run(_render_model_template, ctx.engine.processor, messages,
+                           add_generation_prompt, continue_final_message, kwargs)
+        else:
+            work = ctx.run(_render_request_template, ctx, template, messages,
+                           add_generation_prompt, continue_final_message, kwargs)
+        return await asyncio.wait_for(work, timeout)
+    except OpenAIError:
+        raise
+    except TimeoutError:
+        raise OpenAIError(f"the chat template took longer than {timeout:g} s to render", 400,
+                          "messages") from None
     except Exception as exc:  # jinja errors (e.g. roles out of order) are not ValueErrors
         raise OpenAIError(f"cannot apply the chat template: {exc}", 400, "messages") from exc
 
 
+def _render_model_template(processor: Processor, messages: list[ChatMessage],
+                           add_generation_prompt: bool, continue_final_message: bool,
+                           kwargs: dict[str, Any]) -> str:
+    converted = [template_message(m) for m in messages]
+    if continue_final_message:
+        kwargs = {**kwargs, "continue_final_message": True}
+    return processor.apply_chat_template(
+        converted, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _render_request_template(ctx: ServingContext, template: str, messages: list[ChatMessage],
+                             add_generation_prompt: bool, continue_final_message: bool,
+                             kwargs: dict[str, Any]) -> str:
+    assert ctx.sandbox is not None
+    converted = [template_message(m) for m in messages]
+    tokens = ctx.engine.get_tokenizer().special_tokens_map
+    text = ctx.sandbox.render(
+        template, converted, add_generation_prompt=add_generation_prompt,
+        special_tokens={k: v for k, v in tokens.items() if isinstance(v, str)},
+        extra_kwargs=kwargs)
+    if continue_final_message:  # end the text where the final message's content ends
+        final = converted[-1]["content"]
+        end = text.rfind(final) if final else -1
+        if end < 0:
+            raise OpenAIError("continue_final_message: the rendered template does not contain "
+                              "the final message's content", 400, "continue_final_message")
+        text = text[:end + len(final)]
+    return text
+
+
 def chat_logprobs(token_ids: list[int], entries: SampleLogprobs, top_k: int,
-                  name: TokenNamer) -> ChatLogprobs:
-    """The chat shape: per token {token, logprob, bytes, top_logprobs: the k most likely}."""
+                  name: TokenNamer, token_bytes: Callable[[int], bytes]) -> ChatLogprobs:
+    """The chat shape: per token {token, logprob, bytes, top_logprobs: the k most likely}.
+
+    `bytes` are the token's own (a token holding part of a character has no text of its own:
+    its decoded text is U+FFFD, its bytes are that part).
+    """
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         chosen = entry.get(token_id)
-        token = name(token_id, chosen)
         # Entries ranked 1..k are the top-k (the chosen token keeps its own rank).
         ranked = sorted((lp.rank, t) for t, lp in entry.items()
                         if lp.rank is not None and 1 <= lp.rank <= top_k)
-        tops = [TopLogprob(token=(text := name(t, entry[t])),
-                           logprob=clamp_logprob(entry[t].logprob),
-                           bytes=list(text.encode("utf-8"))) for _, t in ranked]
+        tops = [TopLogprob(token=name(t, entry[t]), logprob=clamp_logprob(entry[t].logprob),
+                           bytes=list(token_bytes(t))) for _, t in ranked]
         content.append(ChatLogprobToken(
-            token=token, logprob=clamp_logprob(chosen.logprob if chosen else None),
-            bytes=list(token.encode("utf-8")), top_logprobs=tops))
+            token=name(token_id, chosen), logprob=clamp_logprob(chosen.logprob if chosen else None),
+            bytes=list(token_bytes(token_id)), top_logprobs=tops))
     return ChatLogprobs(content=content)
 
 
@@ -104,9 +160,13 @@ class OpenAIServingChat:
         refuse_unsupported(request)
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
-        prompt = render_chat(ctx.engine, request.messages, request.add_generation_prompt,
-                             request.continue_final_message, request.chat_template_kwargs)
-        ids = await ctx.tokenize(prompt, request.add_special_tokens, "messages")
+        check_sampling_bounds(request, ctx.limits, ctx.vocab_size)
+        ctx.check_capacity(request.n)
+        prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                   request.continue_final_message, request.chat_template_kwargs,
+                                   request.chat_template)
+        ids = await ctx.tokenize(prompt, request.add_special_tokens, "messages",
+                                 bounded=request.truncate_prompt_tokens is None)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens:]
         requested = (request.max_completion_tokens if request.max_completion_tokens is not None
@@ -117,7 +177,8 @@ class OpenAIServingChat:
                                        prompt_logprobs=request.prompt_logprobs,
                                        stream=bool(request.stream))
         request_id = random_id("chatcmpl")
-        ctx.validate(request_id, ids, params, request.priority)
+        await ctx.validate(request_id, ids, params, request.priority)
+        ctx.check_capacity(request.n)  # again: others may have come in while this one waited
         outputs = ctx.generate(request_id, prompt, ids, params, request.priority)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         if request.stream:
@@ -129,7 +190,7 @@ class OpenAIServingChat:
         if not request.logprobs:
             return None
         return chat_logprobs(list(c.token_ids), c.logprobs or [], request.top_logprobs or 0,
-                             namer)
+                             namer, self.ctx.token_bytes)
 
     async def _full(self, request: ChatCompletionRequest, request_id: str, prompt_len: int,
                     outputs: AsyncIterator[RequestOutput],

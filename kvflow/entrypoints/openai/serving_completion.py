@@ -13,6 +13,7 @@ from kvflow.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from kvflow.entrypoints.openai.request_checks import check_sampling_bounds
 from kvflow.entrypoints.openai.serving_engine import (
     ServingContext,
     build_sampling_params,
@@ -82,6 +83,7 @@ class OpenAIServingCompletion:
         ctx = self.ctx
         await ctx.check_ready(request.model)
         refuse_unsupported(request)
+        check_sampling_bounds(request, ctx.limits, ctx.vocab_size)
         prompts = await self._prompts(request)
         request_id = random_id("cmpl")
         prompt_logprobs = request.prompt_logprobs
@@ -93,7 +95,8 @@ class OpenAIServingCompletion:
             prompt.params = build_sampling_params(
                 request, max_tokens=max_tokens, logprobs=request.logprobs,
                 prompt_logprobs=prompt_logprobs, stream=bool(request.stream))
-            ctx.validate(f"{request_id}-{i}", prompt.ids, prompt.params, request.priority)
+            await ctx.validate(f"{request_id}-{i}", prompt.ids, prompt.params, request.priority)
+        ctx.check_capacity(len(prompts) * request.n)
         generators = [
             ctx.generate(f"{request_id}-{i}", p.text, p.ids, p.params, request.priority)
             for i, p in enumerate(prompts) if p.params is not None
@@ -110,14 +113,26 @@ class OpenAIServingCompletion:
         items: list[str | list[int]] = [raw] if single else list(raw)  # type: ignore[list-item, arg-type]
         if not items:
             raise OpenAIError("prompt must not be empty", 400, "prompt")
+        ctx = self.ctx
+        limit = ctx.limits.max_prompts_per_request
+        if len(items) > limit:
+            raise OpenAIError(f"prompt may hold at most {limit} prompts, got {len(items)}", 400,
+                              "prompt")
+        ctx.check_capacity(len(items) * request.n, "prompt")
+        bounded = request.truncate_prompt_tokens is None
         prompts = []
         for item in items:
             if isinstance(item, str):
-                ids = await self.ctx.tokenize(item, request.add_special_tokens, "prompt")
+                ids = await ctx.tokenize(item, request.add_special_tokens, "prompt", bounded)
                 prompt = _Prompt(item, ids)
             else:
                 if not item:
                     raise OpenAIError("prompt must not be empty", 400, "prompt")
+                if bounded and len(item) > ctx.max_model_len:
+                    raise OpenAIError(
+                        f"This model's maximum context length is {ctx.max_model_len} tokens. "
+                        f"However, your request has {len(item)} input tokens. Please reduce the "
+                        "length of the input.", 400, "prompt")
                 prompt = _Prompt(None, list(item))
             if request.truncate_prompt_tokens is not None:
                 prompt.ids = prompt.ids[-request.truncate_prompt_tokens:]

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from fastapi import Request
 from pydantic import BaseModel
 
 from kvflow.engine.async_llm import AsyncLLM
+from kvflow.engine.token_bytes import TokenBytes
+from kvflow.entrypoints.openai.body import parse as parse_body
+from kvflow.entrypoints.openai.body import read_body
 from kvflow.entrypoints.openai.errors import OpenAIError, error_body, error_from_exception
+from kvflow.entrypoints.openai.limits import ServerLimits
 from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from kvflow.entrypoints.openai.request_checks import PromptBound
+from kvflow.entrypoints.openai.template_sandbox import TemplateSandbox
 from kvflow.errors import EngineDeadError
 from kvflow.metrics import ServerMetrics
 from kvflow.outputs import RequestOutput
@@ -24,6 +33,12 @@ from kvflow.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PREPROCESS_THREADS = 4
+# How much a tokenizer may shrink text before splitting it (NFC composes 3 bytes into 2; a
+# literal "▁" of 3 bytes becomes a SentencePiece space of 1).
+SHRINK_FACTOR = 3.0
+RETRY_AFTER_S = 1
 
 # Known parameters the engine cannot honour yet, with the values that are harmless.
 _REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
@@ -43,7 +58,6 @@ _REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
     ("tool_choice", lambda v, r: v in (None, "none"), "tool calling is not supported yet"),
     ("functions", lambda v, r: not v, "function calling is not supported yet"),
     ("function_call", lambda v, r: v in (None, "none"), "function calling is not supported yet"),
-    ("chat_template", lambda v, r: v is None, "a request-supplied chat_template is not allowed"),
     ("documents", lambda v, r: not v, "documents are not supported"),
     ("modalities", lambda v, r: v is None or list(v) == ["text"], "only text output is supported"),
     ("audio", lambda v, r: v is None, "audio output is not supported"),
@@ -60,7 +74,34 @@ class ServingContext:
     engine: AsyncLLM
     served_model_names: list[str]
     metrics: ServerMetrics
+    limits: ServerLimits = field(default_factory=ServerLimits)
     in_flight: set[str] = field(default_factory=set)  # request ids, aborted on shutdown
+
+    def __post_init__(self) -> None:
+        # Parsing, tokenizing, rendering and validating run here, never on the event loop.
+        self.pool = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS,
+                                       thread_name_prefix="kvflow-preprocess")
+        self.token_bytes = TokenBytes(self.engine.get_tokenizer())
+        self.prompt_bound = PromptBound(
+            self.max_model_len, self.token_bytes.max_token_bytes,
+            SHRINK_FACTOR if self.token_bytes.may_shrink_text else 1.0)
+        config = self.engine.config
+        self.max_num_seqs = config.scheduler_config.max_num_seqs
+        self.capacity = self.max_num_seqs + self.limits.waiting_bound(
+            self.max_num_seqs, self.engine.engine_core.num_kv_blocks)
+        self.sandbox: TemplateSandbox | None = None
+        if self.limits.trust_request_chat_template:
+            self.sandbox = TemplateSandbox(timeout_s=self.limits.chat_template_timeout_s,
+                                           max_output_chars=self.prompt_bound.max_bytes)
+            # its worker process starts in the background (seconds: spawn imports kvflow)
+            self.pool.submit(self.sandbox.render, "", [], add_generation_prompt=False,
+                             special_tokens={})
+
+    def close(self) -> None:
+        """Stop the preprocessing threads and the template sandbox's process."""
+        if self.sandbox is not None:
+            self.sandbox.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_name(self) -> str:
@@ -69,6 +110,20 @@ class ServingContext:
     @property
     def max_model_len(self) -> int:
         return int(self.engine.config.model_config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.config.model_config.vocab_size)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the preprocessing pool; the event loop only waits for it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def parse(self, raw: Request, model: Any) -> Any:
+        """The request body as `model`: bounded in size and time, parsed off the loop."""
+        data = await read_body(raw, self.limits.max_body_bytes, self.limits.request_read_timeout_s)
+        return await self.run(parse_body, data, model)
 
     async def check_ready(self, name: str | None) -> None:
         """404 for an unknown model, 503 once the engine is dead: before any stream starts."""
@@ -86,22 +141,36 @@ class ServingContext:
             return
         raise OpenAIError(f"The model `{name}` does not exist.", 404, "model")
 
-    async def tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    def check_capacity(self, sequences: int, param: str = "n") -> None:
+        """400 if the request could never be taken, 503 while too many requests wait."""
+        if sequences > self.capacity:
+            raise OpenAIError(
+                f"this request asks for {sequences} sequences (prompts x n) but the server takes "
+                f"at most {self.capacity} at once", 400, param)
+        if self.engine.get_num_unfinished_requests() + sequences > self.capacity:
+            self.metrics.overloaded()
+            raise OpenAIError(
+                "the server is overloaded: too many requests are waiting; retry later", 503,
+                headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def tokenize(self, text: str, add_special_tokens: bool, param: str,
+                       bounded: bool = True) -> list[int]:
+        """Token ids, in the pool; a text that cannot fit the context is refused before."""
+        if bounded:
+            self.prompt_bound.check(text, param)
         kwargs = {"add_special_tokens": add_special_tokens}
         try:
-            if len(text) > 512:  # long texts tokenize off the event loop
-                _, ids = await asyncio.to_thread(self.engine.processor.tokenize, text, kwargs)
-            else:
-                _, ids = self.engine.processor.tokenize(text, kwargs)
+            _, ids = await self.run(self.engine.processor.tokenize, text, kwargs)
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param) from exc
         return ids
 
-    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 priority: int) -> None:
-        """Run the engine's checks now, so a bad request is a 400 before any stream starts."""
+    async def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       priority: int) -> None:
+        """Run the engine's checks now (in the pool): a bad request is a 400 before streaming."""
         try:
-            self.engine.processor.make_request(request_id, prompt_ids, params, None, priority)
+            await self.run(self.engine.processor.make_request, request_id, prompt_ids, params,
+                           None, priority)
         except ValueError as exc:
             raise error_from_exception(exc) from exc
 

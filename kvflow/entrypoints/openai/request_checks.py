@@ -1,0 +1,94 @@
+"""Bounds on what a request may ask for, checked before any work is done for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvflow.entrypoints.openai.errors import OpenAIError
+from kvflow.entrypoints.openai.limits import ServerLimits
+from kvflow.entrypoints.openai.protocol import SamplingRequest
+
+# chat_template_kwargs that would change what apply_chat_template does rather than feed the
+# template a variable; `chat_template` itself is allowed only under --trust-request-chat-template.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+    "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+    "return_assistant_tokens_mask", "chat_template", "tools", "documents",
+})
+
+
+def _at_most(param: str, count: int, limit: int, what: str = "entries") -> None:
+    if count > limit:
+        raise OpenAIError(f"{param} may have at most {limit} {what}, got {count}", 400, param)
+
+
+def check_sampling_bounds(request: SamplingRequest, limits: ServerLimits,
+                          vocab_size: int) -> None:
+    """Every count and list a client controls, against its limit: a 400 naming the field."""
+    if request.n > limits.max_n:
+        raise OpenAIError(f"n must be <= {limits.max_n}, got {request.n}", 400, "n")
+    if request.best_of is not None and request.best_of > limits.max_n:
+        raise OpenAIError(f"best_of must be <= {limits.max_n}, got {request.best_of}", 400,
+                          "best_of")
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    _at_most("stop", len(stops), limits.max_stop_sequences, "strings")
+    _at_most("bad_words", len(request.bad_words or []), limits.max_bad_words, "words")
+    for param, texts in (("stop", stops), ("bad_words", request.bad_words or [])):
+        longest = max((len(t) for t in texts), default=0)
+        _at_most(param, longest, limits.max_stop_chars, "characters in one string")
+    _at_most("stop_token_ids", len(request.stop_token_ids or []), limits.max_token_id_list)
+    _at_most("logit_bias", len(request.logit_bias or {}), limits.max_token_id_list)
+    _at_most("allowed_token_ids", len(request.allowed_token_ids or []), vocab_size,
+             "entries (the vocabulary's size)")
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None, trusted: bool) -> str | None:
+    """The request's own chat template, if it brings one and the operator allows it."""
+    if not kwargs:
+        return None
+    template = kwargs.get("chat_template")
+    if template is not None and not trusted:
+        raise OpenAIError("chat_template_kwargs.chat_template: a request-supplied chat template "
+                          "is not allowed (the server runs with --no-trust-request-chat-template)",
+                          400, "chat_template_kwargs")
+    if template is not None and not isinstance(template, str):
+        raise OpenAIError("chat_template_kwargs.chat_template must be a string", 400,
+                          "chat_template_kwargs")
+    for key in ("tools", "documents"):
+        if kwargs.get(key):
+            raise OpenAIError(f"chat_template_kwargs.{key}: {key} are not supported", 400,
+                              "chat_template_kwargs")
+    reserved = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS
+                      and k not in ("chat_template", "tools", "documents"))
+    if reserved:
+        raise OpenAIError(f"chat_template_kwargs may not set {', '.join(reserved)}", 400,
+                          "chat_template_kwargs")
+    return template
+
+
+@dataclass(frozen=True)
+class PromptBound:
+    """Refuses a text that cannot fit the context, without tokenizing it.
+
+    B bytes of text make at least B / max_token_bytes tokens (no token stands for more bytes);
+    a normalizer may shrink text first (NFC composes up to 3 bytes into 2), hence `shrink`.
+    """
+
+    max_model_len: int
+    max_token_bytes: int
+    shrink: float = 1.0
+
+    def check(self, text: str, param: str) -> None:
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        at_least = int(size / self.max_token_bytes / self.shrink)
+        if at_least > self.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your request has at least {at_least} input tokens ({size} bytes of text). "
+                "Please reduce the length of the input.", 400, param)
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes of text that may still fit (the rendered chat prompt's limit)."""
+        return int((self.max_model_len + 1) * self.max_token_bytes * self.shrink)
