@@ -311,3 +311,47 @@ def test_core_exits_when_the_client_is_killed(tiny_llama_path: Path, tmp_path: P
             break
         assert time.monotonic() < deadline, "the engine core outlived its client"
         time.sleep(0.2)
+
+
+async def test_a_request_that_fails_on_its_way_leaves_nothing(engine: AsyncLLM,
+                                                              monkeypatch) -> None:
+    """A send that fails after registration unregisters the request and aborts sent siblings."""
+    sent: list[str] = []
+    aborted: list[str] = []
+    real_add, real_abort = engine.engine_core.add_request, engine.engine_core.abort_requests
+
+    def failing_add(request) -> None:  # the second child cannot be sent
+        if len(sent) == 1:
+            raise OverflowError("cannot encode")
+        sent.append(request.request_id)
+        real_add(request)
+
+    def recording_abort(ids: list[str]) -> None:
+        aborted.extend(ids)
+        real_abort(ids)
+
+    monkeypatch.setattr(engine.engine_core, "add_request", failing_add)
+    monkeypatch.setattr(engine.engine_core, "abort_requests", recording_abort)
+    with pytest.raises(OverflowError):
+        await collect(engine, "half-sent", params(max_tokens=50, n=3))
+    monkeypatch.undo()
+    assert sent and set(sent) <= set(aborted)
+    assert "half-sent" not in engine.parents
+    await assert_engine_clean(engine)
+
+
+async def test_out_of_range_values_are_value_errors(engine: AsyncLLM) -> None:
+    for bad in (dict(seed=2**64), dict(seed=-(2**63) - 1), dict(top_k=10**30),
+                dict(max_tokens=10**30)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="priority"):
+        [o async for o in engine.generate("Hi", params(), "prio", priority=10**30)]
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await collect(engine, "surrogate", params(), prompt="a\ud800b")
+    with pytest.raises(ValueError, match=r"bad_words\[1\]"):
+        await collect(engine, "bad-word", params(bad_words=["ok", "x\udc00"]))
+    sp = SamplingParams(max_tokens=2, n=3, seed=2**63 - 1, output_kind=RequestOutputKind.DELTA)
+    outs = await collect(engine, "wrapping-seed", sp)
+    assert {c.index for o in outs for c in o.outputs} == {0, 1, 2}
+    await assert_engine_clean(engine)

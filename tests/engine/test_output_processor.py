@@ -139,3 +139,25 @@ def test_collector_keeps_the_newest_cumulative(tokenizer) -> None:
     feed(proc, "r", [300, 400, 500])
     out = collector.get_nowait()
     assert out is not None and out.outputs[0].token_ids == [300, 400, 500] and out.finished
+
+
+def test_a_failing_child_ends_its_siblings(tokenizer) -> None:
+    """Nobody reads an n > 1 family once one child failed: its siblings are aborted too."""
+    proc = OutputProcessor(tokenizer)
+    parent = ParentRequest("p", SamplingParams(n=3, output_kind=RequestOutputKind.DELTA))
+    got: list = []
+    for i, child in enumerate(parent.child_ids):
+        proc.add_request(child, "x", [1], parent.child_params(i), 0.0, parent=parent, index=i,
+                         sink=got.append)
+    failed = EngineCoreOutput(parent.child_ids[1], [], error="refused",
+                              finish_reason=FinishReason.ERROR)
+    result = proc.process_outputs([failed], 0.0)
+    assert isinstance(got[-1], EngineGenerateError)
+    assert sorted(result.reqs_to_abort) == sorted(parent.child_ids)
+    assert not proc.states
+
+
+def test_child_seeds_wrap_within_int64() -> None:
+    parent = ParentRequest("p", SamplingParams(n=3, seed=2**63 - 1))
+    assert [parent.child_params(i).seed for i in range(3)] == [2**63 - 1, -(2**63),
+                                                               -(2**63) + 1]
