@@ -40,7 +40,7 @@ class ServerLimits:
     trust_request_chat_template: bool = _limit(
         False, "let requests bring their own Jinja chat template (rendered in a sandbox)")
     chat_template_timeout_s: float = _limit(
-        5.0, "longest a chat template may take to render")
+        1.5, "longest a chat template may take to render (400 after)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

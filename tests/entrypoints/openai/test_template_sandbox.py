@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from multiprocessing.process import BaseProcess
 from typing import Any
 
+import psutil
 import pytest
 
 from kvflow.entrypoints.openai.template_sandbox import TemplateSandbox
@@ -50,10 +50,15 @@ def _render(sandbox: TemplateSandbox, template: str, **kwargs: Any) -> str:
                           special_tokens=SPECIAL_TOKENS, **kwargs)
 
 
-def _workers(excluding: frozenset[int] = frozenset()) -> list[BaseProcess]:
+def _workers(excluding: frozenset[int] = frozenset()) -> list[psutil.Process]:
     """The live sandbox workers of this process, less those whose pid is in `excluding`."""
-    return [p for p in multiprocessing.active_children()
-            if p.name == "kvflow-template-sandbox" and p.pid not in excluding]
+    workers = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            alive = child.status() != psutil.STATUS_ZOMBIE
+            if alive and any(a.endswith("template_sandbox.py") for a in child.cmdline()):
+                workers.append(child)
+    return [w for w in workers if w.pid not in excluding]
 
 
 def _worker_pids() -> frozenset[int]:
@@ -195,7 +200,7 @@ def test_a_worker_killed_from_outside_is_replaced() -> None:
     _render(sandbox, CHATML)
     (worker,) = _workers(others)
     worker.kill()
-    worker.join()
+    worker.wait()
     assert _render(sandbox, CHATML) == CHATML_EXPECTED
     (replacement,) = _workers(others)
     assert replacement.pid != worker.pid
