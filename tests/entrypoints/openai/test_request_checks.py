@@ -81,3 +81,10 @@ def test_prompt_bound_refuses_only_what_cannot_fit() -> None:
     with pytest.raises(OpenAIError):
         bound.check("€" * 400, "prompt")  # 1,200 bytes
     PromptBound(max_model_len=100, max_token_bytes=10, shrink=3.0).check("€" * 1000, "prompt")
+
+
+def test_readme_lists_every_limit() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    assert ServerLimits.markdown_table() in readme
