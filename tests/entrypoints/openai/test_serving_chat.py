@@ -112,3 +112,24 @@ def test_text_content_parts_and_continue(client: openai.OpenAI) -> None:
         model=DEFAULT_MODEL, messages=prefix, max_tokens=4, temperature=0,  # type: ignore[arg-type]
         extra_body={"add_generation_prompt": False, "continue_final_message": True})
     assert "Paris" in (out.choices[0].message.content or "")
+
+
+def test_logprob_bytes_are_the_tokens_own(default_model_path: Any) -> None:
+    """A token holding part of a character reports its bytes, not U+FFFD's (ef bf bd)."""
+    from transformers import AutoTokenizer
+
+    from kvflow.engine.token_bytes import TokenBytes
+    from kvflow.entrypoints.openai.serving_chat import chat_logprobs
+    from kvflow.entrypoints.openai.serving_completion import TokenNamer
+    from kvflow.outputs import Logprob
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    text = "你好 € ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    entries = [{t: Logprob(-0.5, 1, tokenizer.decode([t]))} for t in ids]
+    result = chat_logprobs(ids, entries, 1, TokenNamer(tokenizer, False), TokenBytes(tokenizer))
+    assert result.content is not None
+    assert b"".join(bytes(item.bytes or []) for item in result.content) == text.encode()
+    assert any(item.token == "\ufffd" for item in result.content)  # a partial character
+    assert all(bytes(i.top_logprobs[0].bytes or []) == bytes(i.bytes or [])
+               for i in result.content)
