@@ -39,6 +39,8 @@ PREPROCESS_THREADS = 4
 # literal "▁" of 3 bytes becomes a SentencePiece space of 1).
 SHRINK_FACTOR = 3.0
 RETRY_AFTER_S = 1
+SMALL_BODY_BYTES = 1 << 20  # bodies up to this size are read at once; larger ones...
+LARGE_BODY_SLOTS = 4  # ...this many at a time
 
 # Known parameters the engine cannot honour yet, with the values that are harmless.
 _REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
@@ -81,6 +83,7 @@ class ServingContext:
         # Parsing, tokenizing, rendering and validating run here, never on the event loop.
         self.pool = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS,
                                        thread_name_prefix="kvflow-preprocess")
+        self.large_bodies = asyncio.Semaphore(LARGE_BODY_SLOTS)
         self.token_bytes = TokenBytes(self.engine.get_tokenizer())
         self.prompt_bound = PromptBound(
             self.max_model_len, self.token_bytes.max_token_bytes,
@@ -121,7 +124,18 @@ class ServingContext:
         return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
     async def parse(self, raw: Request, model: Any) -> Any:
-        """The request body as `model`: bounded in size and time, parsed off the loop."""
+        """The request body as `model`: bounded in size and time, parsed off the loop.
+
+        Large bodies are read a few at a time: a flood of them waits in the sockets' buffers,
+        not in this process's memory.
+        """
+        announced = raw.headers.get("content-length", "")
+        if announced.isdigit() and int(announced) <= SMALL_BODY_BYTES:
+            return await self._read_and_parse(raw, model)
+        async with self.large_bodies:
+            return await self._read_and_parse(raw, model)
+
+    async def _read_and_parse(self, raw: Request, model: Any) -> Any:
         data = await read_body(raw, self.limits.max_body_bytes, self.limits.request_read_timeout_s)
         return await self.run(parse_body, data, model)
 
