@@ -219,10 +219,8 @@ class MPClient(CoreClient):
         self.in_sock = self.ctx.socket(zmq.PUSH)
         self.in_sock.setsockopt(zmq.SNDTIMEO, 5000)
         self.in_sock.setsockopt(zmq.LINGER, 0)
-        self.in_sock.bind("ipc://" + self._paths[0])
         self.out_sock = self.ctx.socket(zmq.PULL)
         self.out_sock.setsockopt(zmq.LINGER, 0)
-        self.out_sock.bind("ipc://" + self._paths[1])
         self._encoder = msgspec.msgpack.Encoder()
         self._send_lock = threading.Lock()
         mp = multiprocessing.get_context("spawn")
@@ -232,8 +230,13 @@ class MPClient(CoreClient):
             args=(config, "ipc://" + self._paths[0], "ipc://" + self._paths[1], ready_send,
                   os.getpid()),
         )
+        # Registered before the first bind: every way out, a failed start included, stops
+        # the core and removes the socket files. (A client killed with SIGKILL runs none of
+        # it; its core then removes them when it notices and exits.)
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self.ctx, self._paths)
         try:
+            self.in_sock.bind("ipc://" + self._paths[0])
+            self.out_sock.bind("ipc://" + self._paths[1])
             with _core_environment():
                 self.proc.start()
             ready_send.close()

@@ -8,6 +8,7 @@ never stuck behind a long step; the busy loop picks them up between steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,6 +33,9 @@ from kvflow.engine.protocol import (
     UtilityRequest,
 )
 from kvflow.model.hugepages import release_freed_memory
+
+if TYPE_CHECKING:
+    from kvflow.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -135,18 +139,44 @@ def run_engine_core(
     config: EngineConfig, input_addr: str, output_addr: str, ready: Connection, parent_pid: int
 ) -> None:
     """Entry point of the engine-core process: load, handshake, loop until told to stop."""
-    import zmq
-
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s"
     )
     try:
+        core = _load_core(config, ready)
+        if core is not None:
+            _serve_client(core, input_addr, output_addr, ready, parent_pid)
+    finally:
+        # The client removes these too, but a client killed with SIGKILL cannot: then this
+        # process, which stops once its parent is gone, is the last one that knows them.
+        remove_ipc_files([input_addr, output_addr])
+
+
+def remove_ipc_files(addrs: list[str]) -> None:
+    """Unlink the socket files behind `ipc://` addresses; already gone is fine."""
+    for addr in addrs:
+        if addr.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(addr.removeprefix("ipc://"))
+
+
+def _load_core(config: EngineConfig, ready: Connection) -> EngineCore | None:
+    """The EngineCore, or None after telling the client why it could not be built."""
+    try:
         from kvflow.engine.core import EngineCore
 
-        core = EngineCore(config)
+        return EngineCore(config)
     except BaseException as exc:
         ready.send(ReadyMessage(ok=False, error=f"{type(exc).__name__}: {exc}"))
-        return
+        return None
+
+
+def _serve_client(
+    core: EngineCore, input_addr: str, output_addr: str, ready: Connection, parent_pid: int
+) -> None:
+    """Connect to the client, say ready, run the busy loop until shutdown or a failure."""
+    import zmq
+
     ctx = zmq.Context(io_threads=1)
     in_sock = ctx.socket(zmq.PULL)
     in_sock.connect(input_addr)

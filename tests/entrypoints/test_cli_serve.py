@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,23 +108,108 @@ class StreamInThread:
         assert not self.thread.is_alive(), "the stream hangs"
 
 
-def test_engine_death_turns_health_503_and_ends_streams(tiny_llama_path: Path) -> None:
-    with RemoteServer([str(tiny_llama_path), *TINY_ARGS]) as server:
+class WholeRequestInThread:
+    """A long non-streaming completion in a thread; records its response or error."""
+
+    def __init__(self, server: RemoteServer, model: str) -> None:
+        self.outcome: object = None
+        self.thread = threading.Thread(target=self._run, args=(server.client(timeout=60), model),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, client: openai.OpenAI, model: str) -> None:
+        try:
+            self.outcome = client.completions.create(
+                model=model, prompt="a b c", max_tokens=1000, extra_body={"ignore_eos": True})
+        except BaseException as exc:
+            self.outcome = exc
+
+
+def requests_in_engine(server: RemoteServer) -> float:
+    """Running plus waiting requests, from /metrics."""
+    text = httpx.get(server.url("/metrics"), timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(("kvflow:num_requests_running", "kvflow:num_requests_waiting")))
+
+
+def ipc_socket_files(pid: int) -> set[Path]:
+    """The kvflow IPC socket files process `pid` has bound: its socket fds in /proc/net/unix."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    files = set()
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) == 8 and fields[6] in inodes:
+            path = Path(fields[7])
+            if path.name.startswith("kvflow-") and path.name.endswith(("-in", "-out")):
+                files.add(path)
+    return files
+
+
+def wait_gone(files: set[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while left := [f for f in files if f.exists()]:
+        assert time.monotonic() < deadline, f"socket files left behind: {left}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def dying_server(args: list[str]) -> Iterator[RemoteServer]:
+    """A server expected to die (no exit-code check); its whole process group goes after."""
+    server = RemoteServer(args)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the engine may outlive a killed server
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.kill()
+        server.log_file.close()
+        os.unlink(server.log_file.name)
+
+
+def test_engine_death_fails_requests_then_the_server_exits(tiny_llama_path: Path) -> None:
+    with dying_server([str(tiny_llama_path), *TINY_ARGS]) as server:
+        files = ipc_socket_files(server.proc.pid)
+        assert len(files) == 2 and all(f.exists() for f in files), files
+        whole = WholeRequestInThread(server, str(tiny_llama_path))
         stream = StreamInThread(server)
         assert stream.started.wait(60)
+        deadline = time.monotonic() + 30
+        while requests_in_engine(server) < 2:  # both requests are in the engine
+            assert time.monotonic() < deadline, "the requests never reached the engine"
+            time.sleep(0.05)
         os.kill(server.engine_pid(), signal.SIGKILL)
-        killed = time.monotonic()
-        while httpx.get(server.url("/health")).status_code != 503:
-            assert time.monotonic() - killed < 5, "/health still 200 5 s after the engine died"
-            time.sleep(0.1)
-        stream.join(timeout=10)
+        stream.join(timeout=10)  # the SSE error event ends the stream
         assert isinstance(stream.outcome, openai.APIError), stream.outcome
         assert "died" in str(stream.outcome)
-        for streaming in (False, True):  # new requests: a plain 503, not a doomed stream
-            with pytest.raises(openai.InternalServerError) as info:
-                server.client().completions.create(model=str(tiny_llama_path), prompt="x",
-                                                   stream=streaming)
-            assert info.value.status_code == 503
+        whole.thread.join(timeout=10)
+        assert isinstance(whole.outcome, openai.InternalServerError), whole.outcome
+        assert whole.outcome.status_code == 503 and "died" in str(whole.outcome)
+        try:  # then the server stops by itself, with an error code for its supervisor
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the server outlived its engine:\n{server.log()}") from None
+        assert server.proc.returncode == 1, server.log()
+        assert "engine core died" in server.log()
+        wait_gone(files, timeout=10)
+
+
+def test_killed_server_leaves_no_socket_files(tiny_llama_path: Path) -> None:
+    with dying_server([str(tiny_llama_path), *TINY_ARGS]) as server:
+        files = ipc_socket_files(server.proc.pid)
+        assert len(files) == 2 and all(f.exists() for f in files), files
+        engine_pid = server.engine_pid()
+        os.kill(server.proc.pid, signal.SIGKILL)  # the server only: its engine is left alone
+        server.proc.wait(timeout=10)
+        wait_gone(files, timeout=10)  # the engine notices, stops and removes them
+        deadline = time.monotonic() + 10
+        while pid_alive(engine_pid):
+            assert time.monotonic() < deadline, "the engine outlived its server"
+            time.sleep(0.1)
 
 
 def test_sigterm_with_streams_in_flight(tiny_llama_path: Path) -> None:
