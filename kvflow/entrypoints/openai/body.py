@@ -11,6 +11,7 @@ schema still names each route's body model (`body_schema`, `add_body_schemas`).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -66,27 +67,58 @@ def decode_json(data: bytes) -> Any:
     try:
         return msgspec.json.decode(data)
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise OpenAIError(_json_problem(data, exc), 400) from None
+        message, param = _json_problem(data, exc)
+        raise OpenAIError(message, 400, param) from None
 
 
-def _json_problem(data: bytes, exc: Exception) -> str:
+def _json_problem(data: bytes, exc: Exception) -> tuple[str, str | None]:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as bad:
         return (f"invalid Unicode: the body is not UTF-8 (byte 0x{data[bad.start]:02x} at "
-                f"offset {bad.start})")
+                f"offset {bad.start})"), None
     lone = _LONE_SURROGATE.search(data)
     if lone is not None:
-        escape = lone.group().decode()
-        return (f"invalid Unicode: a lone surrogate {escape} at {_line_column(data, lone.start())}"
-                " (a string must hold whole characters)")
+        param = _surrogate_path(data)
+        field = f"{param}: " if param else ""
+        return (f"{field}invalid Unicode: a lone surrogate {lone.group().decode()} at "
+                f"{_line_column(data, lone.start())} (a string must hold whole characters)"), param
     if isinstance(exc, RecursionError):
-        return "malformed JSON body: nested too deeply"
+        return "malformed JSON body: nested too deeply", None
     try:  # pydantic's parser says where the problem is; msgspec does not always
         pydantic_core.from_json(data)
     except ValueError as detail:
-        return f"malformed JSON body: {detail}"
-    return f"malformed JSON body: {exc}"
+        return f"malformed JSON body: {detail}", None
+    return f"malformed JSON body: {exc}", None
+
+
+def _surrogate_path(data: bytes) -> str | None:
+    """The field holding the first lone surrogate ("messages.0.content"), for `param`."""
+    try:
+        obj = json.loads(data)  # unlike msgspec, Python's parser keeps lone surrogates
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _encodable(value):
+            return path or None
+        children = (value.items() if isinstance(value, dict)
+                    else enumerate(value) if isinstance(value, list) else ())
+        for key, child in reversed(list(children)):
+            child_path = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _encodable(key):
+                return child_path
+            stack.append((child_path, child))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _line_column(data: bytes, offset: int) -> str:

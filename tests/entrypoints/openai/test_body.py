@@ -17,9 +17,20 @@ def problem(data: bytes) -> str:
     return info.value.message
 
 
+def param_of(data: bytes) -> str | None:
+    with pytest.raises(OpenAIError) as info:
+        decode_json(data)
+    return info.value.param
+
+
 def test_lone_surrogates_are_named_with_their_place() -> None:
-    assert "lone surrogate \\ud800 at line 1 column 14" in problem(b'{"prompt": "a\\ud800b"}')
+    message = problem(b'{"prompt": "a\\ud800b"}')
+    assert message.startswith("prompt: invalid Unicode")
+    assert "lone surrogate \\ud800 at line 1 column 14" in message
     assert "lone surrogate \\udc00 at line 2 column 8" in problem(b'{"x": 1,\n"s": ["\\udc00"]}')
+    body = b'{"messages": [{"role": "user", "content": "ok"}, {"role": "a\\udbff"}]}'
+    assert param_of(body) == "messages.1.role"
+    assert param_of(b'{"stop": ["fine", "\\udc00"]}') == "stop.1"
     # a whole pair is one character, and fine
     assert decode_json(b'{"s": "\\ud83d\\ude00"}') == {"s": "\U0001f600"}
 
