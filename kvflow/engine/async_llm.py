@@ -136,6 +136,18 @@ class AsyncLLM:
             request_id, prompt, sampling_params, lora_request=lora_request,
             tokenization_kwargs=tokenization_kwargs, trace_headers=trace_headers,
             priority=priority)
+        async with contextlib.aclosing(self.stream_outputs(request_id, collector)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def stream_outputs(self, request_id: str, collector: RequestOutputCollector
+                             ) -> AsyncGenerator[RequestOutput, None]:
+        """The second half of generate(), for a request already queued with add_request().
+
+        A server queues a request at once (so it counts against capacity before its response
+        starts) and streams it later. Closing the stream early aborts the request; a request
+        whose stream never starts still finishes in the engine and leaves no state.
+        """
         finished = False
         try:
             while not finished:

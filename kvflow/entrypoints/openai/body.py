@@ -11,9 +11,10 @@ schema still names each route's body model (`body_schema`, `add_body_schemas`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -55,6 +56,30 @@ async def read_body(raw: Request, max_bytes: int, timeout_s: float) -> bytes:
         raise OpenAIError(f"the request body did not arrive within {timeout_s:g} s",
                           408) from None
     return b"".join(chunks)
+
+
+class ByteBudget:
+    """Bytes that bodies being received may hold together; a body waits for its share.
+
+    Event-loop only (no lock needed): `hold` is entered and left on the loop's thread.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        while self.used + size > self.total:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+            self._freed.set()
 
 
 def _too_large(max_bytes: int) -> OpenAIError:
@@ -106,7 +131,8 @@ def _surrogate_path(data: bytes) -> str | None:
         children = (value.items() if isinstance(value, dict)
                     else enumerate(value) if isinstance(value, list) else ())
         for key, child in reversed(list(children)):
-            child_path = f"{path}.{key}" if path else str(key)
+            name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            child_path = f"{path}.{name}" if path else name
             if isinstance(key, str) and not _encodable(key):
                 return child_path
             stack.append((child_path, child))
@@ -141,12 +167,20 @@ def validate(adapter: TypeAdapter[T], obj: Any) -> T:
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
 
 
-def parse(data: bytes, model: Any) -> Any:
-    """bytes → validated request model (runs in a worker thread)."""
+def parse(data: bytes, model: Any,
+          precheck: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """bytes → validated request model (runs in a worker thread).
+
+    `precheck` sees the decoded JSON first: counts are cheap to check there, while pydantic
+    would first build an object for each of a million items.
+    """
     adapter = _ADAPTERS.get(model)
     if adapter is None:
         adapter = _ADAPTERS[model] = TypeAdapter(model)
-    return validate(adapter, decode_json(data))
+    obj = decode_json(data)
+    if precheck is not None and isinstance(obj, dict):
+        precheck(obj)
+    return validate(adapter, obj)
 
 
 # ---- OpenAPI --------------------------------------------------------------------------

@@ -26,12 +26,15 @@ class ServerLimits:
 
     max_request_body_mb: float = _limit(16.0, "largest request body in MiB (413 above)")
     request_read_timeout_s: float = _limit(
-        30.0, "seconds a client may take to send its whole request body (408 after)")
+        30.0, "seconds a client may take to send a request's headers, and then its body "
+        "(408 after)")
     max_n: int = _limit(128, "largest n and best_of (OpenAI's bound)")
     max_prompts_per_request: int = _limit(256, "most prompts in one /v1/completions request")
     max_stop_sequences: int = _limit(64, "most stop strings in one request")
     max_stop_chars: int = _limit(1024, "longest stop string or bad word, in characters")
     max_bad_words: int = _limit(1024, "most bad_words in one request")
+    max_bad_words_chars: int = _limit(
+        262144, "bad_words' characters times the sequences (prompts x n) they apply to")
     max_token_id_list: int = _limit(
         1024, "most entries in stop_token_ids or logit_bias (allowed_token_ids: the vocabulary)")
     max_waiting_requests: int | None = _limit(

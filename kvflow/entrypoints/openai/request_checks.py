@@ -18,6 +18,9 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
+MAX_BODY_FIELDS = 256
+
+
 def _at_most(param: str, count: int, limit: int, what: str = "entries") -> None:
     if count > limit:
         raise OpenAIError(f"{param} may have at most {limit} {what}, got {count}", 400, param)
@@ -41,6 +44,70 @@ def check_sampling_bounds(request: SamplingRequest, limits: ServerLimits,
     _at_most("logit_bias", len(request.logit_bias or {}), limits.max_token_id_list)
     _at_most("allowed_token_ids", len(request.allowed_token_ids or []), vocab_size,
              "entries (the vocabulary's size)")
+
+
+@dataclass(frozen=True)
+class BodyShape:
+    """Counts checked on the decoded JSON before pydantic builds millions of objects."""
+
+    limits: ServerLimits
+    max_model_len: int
+    vocab_size: int
+
+    def check(self, body: dict[str, Any]) -> None:
+        limits, context = self.limits, self.max_model_len
+        if len(body) > MAX_BODY_FIELDS:  # unknown fields are kept (and logged), not refused
+            raise OpenAIError(f"the request body may have at most {MAX_BODY_FIELDS} fields, "
+                              f"got {len(body)}", 400)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt:
+            self._check_prompt_lists(prompt, body.get("truncate_prompt_tokens") is None)
+        bounds = {
+            # a conversation with more messages (or content parts) than tokens cannot fit
+            "messages": context, "tokens": context, "stop": limits.max_stop_sequences,
+            "bad_words": limits.max_bad_words, "stop_token_ids": limits.max_token_id_list,
+            "logit_bias": limits.max_token_id_list, "allowed_token_ids": self.vocab_size,
+        }
+        for name, bound in bounds.items():
+            value = body.get(name)
+            if isinstance(value, list | dict):
+                _at_most(name, len(value), bound)
+        for index, message in enumerate(body.get("messages") or ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                _at_most(f"messages.{index}.content", len(content), context, "parts")
+
+
+    def _check_prompt_lists(self, prompt: list[Any], untruncated: bool) -> None:
+        if not isinstance(prompt[0], int):
+            _at_most("prompt", len(prompt), self.limits.max_prompts_per_request, "prompts")
+        lists = [prompt] if isinstance(prompt[0], int) else prompt
+        for ids in lists:
+            if untruncated and isinstance(ids, list) and len(ids) > self.max_model_len:
+                raise OpenAIError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your request has {len(ids)} input tokens. Please reduce the "
+                    "length of the input.", 400, "prompt")
+
+
+def check_bad_words_volume(bad_words: list[str] | None, sequences: int,
+                           limits: ServerLimits) -> None:
+    """Each sequence carries its own bad-word token ids in the core: bound them all together."""
+    total = sum(len(word) for word in bad_words or ()) * sequences
+    if total > limits.max_bad_words_chars:
+        raise OpenAIError(
+            f"bad_words: their characters times the sequences they apply to (prompts x n) may "
+            f"be at most {limits.max_bad_words_chars}, got {total}", 400, "bad_words")
+
+
+def check_messages_size(texts: list[str], bound: PromptBound) -> None:
+    """A conversation whose texts alone cannot fit the context is refused before rendering."""
+    size = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if size > bound.max_bytes:
+        raise OpenAIError(
+            f"This model's maximum context length is {bound.max_model_len} tokens. However, "
+            f"the messages hold {size} bytes of text, more than that many tokens can hold. "
+            "Please reduce the length of the messages.", 400, "messages")
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None, trusted: bool) -> str | None:

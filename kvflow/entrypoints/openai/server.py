@@ -28,11 +28,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvflow import __version__
 from kvflow.entrypoints.openai.body import add_body_schemas, body_schema
 from kvflow.entrypoints.openai.errors import OpenAIError, error_response, install_error_handlers
+from kvflow.entrypoints.openai.http_protocol import guarded_protocol
 from kvflow.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
@@ -55,6 +59,29 @@ OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 GRACEFUL_SHUTDOWN_S = 5  # after this, uvicorn cancels whatever is still running
 
 router = APIRouter()
+def answers(ok: type[BaseModel] | None = None, stream: bool = False) -> dict[int | str, Any]:
+    """A route's documented answers: its model (and SSE when it streams), errors in OpenAI's shape.
+
+    "default" covers the rest (and keeps FastAPI from documenting a 422 it never sends).
+    """
+    error = {"model": ErrorResponse, "description": "an error, in OpenAI's shape"}
+    documented: dict[int | str, Any] = {status: {**error, "description": why}
+                                        for status, why in _ERRORS.items()}
+    documented["default"] = error
+    if ok is not None:
+        documented[200] = {"model": ok, "description": "the result"}
+        if stream:
+            documented[200]["content"] = {"text/event-stream": {
+                "schema": {"type": "string", "description": "chunks as `data: {...}` events"}}}
+    return documented
+
+
+_ERRORS = {400: "an invalid request", 404: "an unknown model or path",
+           408: "the request did not arrive in time", 413: "the body is too large",
+           503: "overloaded (see Retry-After), or the engine is dead"}
+EMPTY_OK: dict[int | str, Any] = {
+    200: {"description": "the engine is alive (no body)", "content": {}},
+    503: {"model": ErrorResponse, "description": "the engine is dead"}}
 BODY_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeCompletionRequest,
                TokenizeChatRequest, DetokenizeRequest)
 
@@ -82,13 +109,15 @@ async def _respond(raw: Request, work: Awaitable[BaseModel | AsyncIterator[BaseM
 
 # Routes take the raw request: ServingContext.parse reads the body within its limits and
 # validates it off the event loop (body_schema keeps the OpenAPI schema's body models).
-@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest),
+             responses=answers(CompletionResponse, stream=True))
 async def create_completion(raw: Request) -> Response:
     request = await _ctx(raw).parse(raw, CompletionRequest)
     return await _respond(raw, raw.app.state.completions.create(request))
 
 
-@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest),
+             responses=answers(ChatCompletionResponse, stream=True))
 async def create_chat_completion(raw: Request) -> Response:
     request = await _ctx(raw).parse(raw, ChatCompletionRequest)
     return await _respond(raw, raw.app.state.chat.create(request))
@@ -102,7 +131,7 @@ async def list_models(raw: Request) -> ModelList:
                            for name in ctx.served_model_names])
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=answers())
 async def retrieve_model(model_id: str, raw: Request) -> ModelCard:
     for card in (await list_models(raw)).data:
         if card.id == model_id:
@@ -110,7 +139,7 @@ async def retrieve_model(model_id: str, raw: Request) -> ModelCard:
     raise OpenAIError(f"The model `{model_id}` does not exist.", 404, "model")
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses=EMPTY_OK)
 async def health(raw: Request) -> Response:
     try:
         await _ctx(raw).engine.check_health()
@@ -119,7 +148,7 @@ async def health(raw: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/ping")
+@router.get("/ping", response_class=Response, responses=EMPTY_OK)
 async def ping(raw: Request) -> Response:
     return await health(raw)
 
@@ -145,7 +174,7 @@ async def metrics(raw: Request) -> Response:
 
 
 @router.post("/tokenize", openapi_extra=body_schema(TokenizeCompletionRequest,
-                                                    TokenizeChatRequest))
+                                                    TokenizeChatRequest), responses=answers())
 async def tokenize(raw: Request) -> TokenizeResponse:
     ctx = _ctx(raw)
     request = await ctx.parse(raw, TokenizeCompletionRequest | TokenizeChatRequest)
@@ -165,7 +194,7 @@ async def tokenize(raw: Request) -> TokenizeResponse:
                             token_strs=strs)
 
 
-@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest), responses=answers())
 async def detokenize(raw: Request) -> DetokenizeResponse:
     ctx = _ctx(raw)
     request = await ctx.parse(raw, DetokenizeRequest)
@@ -287,6 +316,7 @@ async def serve_http(app: FastAPI, sock: socket.socket, on_started: Callable[[],
         loop.call_soon_threadsafe(start_abort)
 
     config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            http=guarded_protocol(ctx.limits.request_read_timeout_s),
                             **uvicorn_kwargs)
     server = GracefulServer(config, on_started, on_exit)
     watcher = loop.create_task(server.exit_when_engine_dies(lambda: ctx.engine.errored))

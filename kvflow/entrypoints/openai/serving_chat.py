@@ -22,7 +22,12 @@ from kvflow.entrypoints.openai.protocol import (
     DeltaMessage,
     TopLogprob,
 )
-from kvflow.entrypoints.openai.request_checks import check_sampling_bounds, check_template_kwargs
+from kvflow.entrypoints.openai.request_checks import (
+    check_bad_words_volume,
+    check_messages_size,
+    check_sampling_bounds,
+    check_template_kwargs,
+)
 from kvflow.entrypoints.openai.serving_completion import TokenNamer
 from kvflow.entrypoints.openai.serving_engine import (
     ServingContext,
@@ -69,6 +74,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
     if add_generation_prompt and continue_final_message:
         raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
                           "true", 400, "continue_final_message")
+    check_messages_size([text for m in messages for text in _texts(m)], ctx.prompt_bound)
     trusted = ctx.limits.trust_request_chat_template
     template = check_template_kwargs(template_kwargs, trusted)
     if request_template is not None:
@@ -85,7 +91,8 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                            add_generation_prompt, continue_final_message, kwargs)
         else:
             work = ctx.run(_render_request_template, ctx, template, messages,
-                           add_generation_prompt, continue_final_message, kwargs)
+                           add_generation_prompt, continue_final_message, kwargs,
+                           pool=ctx.template_pool)
         return await asyncio.wait_for(work, timeout)
     except OpenAIError:
         raise
@@ -94,6 +101,14 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                           "messages") from None
     except Exception as exc:  # jinja errors (e.g. roles out of order) are not ValueErrors
         raise OpenAIError(f"cannot apply the chat template: {exc}", 400, "messages") from exc
+
+
+def _texts(message: ChatMessage) -> list[str]:
+    content = message.content
+    if isinstance(content, str):
+        return [content]
+    parts = [p.get("text") for p in content or () if isinstance(p, dict)]
+    return [t for t in parts if isinstance(t, str)]
 
 
 def _render_model_template(processor: Processor, messages: list[ChatMessage],
@@ -161,6 +176,11 @@ class OpenAIServingChat:
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
         check_sampling_bounds(request, ctx.limits, ctx.vocab_size)
+        check_bad_words_volume(request.bad_words, request.n, ctx.limits)
+        max_logprobs = ctx.engine.config.model_config.max_logprobs
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= max_logprobs:
+            raise OpenAIError(f"top_logprobs must be in 0..{max_logprobs}, got "
+                              f"{request.top_logprobs}", 400, "top_logprobs")
         ctx.check_capacity(request.n)
         prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
                                    request.continue_final_message, request.chat_template_kwargs,
@@ -177,9 +197,9 @@ class OpenAIServingChat:
                                        prompt_logprobs=request.prompt_logprobs,
                                        stream=bool(request.stream))
         request_id = random_id("chatcmpl")
-        await ctx.validate(request_id, ids, params, request.priority)
+        await ctx.validate(request_id, ids, params, request.priority, "messages")
         ctx.check_capacity(request.n)  # again: others may have come in while this one waited
-        outputs = ctx.generate(request_id, prompt, ids, params, request.priority)
+        outputs = await ctx.start(request_id, prompt, ids, params, request.priority)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         if request.stream:
             return self._stream(request, request_id, len(ids), outputs, namer)

@@ -13,7 +13,10 @@ from kvflow.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from kvflow.entrypoints.openai.request_checks import check_sampling_bounds
+from kvflow.entrypoints.openai.request_checks import (
+    check_bad_words_volume,
+    check_sampling_bounds,
+)
 from kvflow.entrypoints.openai.serving_engine import (
     ServingContext,
     build_sampling_params,
@@ -95,12 +98,12 @@ class OpenAIServingCompletion:
             prompt.params = build_sampling_params(
                 request, max_tokens=max_tokens, logprobs=request.logprobs,
                 prompt_logprobs=prompt_logprobs, stream=bool(request.stream))
-            await ctx.validate(f"{request_id}-{i}", prompt.ids, prompt.params, request.priority)
-        ctx.check_capacity(len(prompts) * request.n)
-        generators = [
-            ctx.generate(f"{request_id}-{i}", p.text, p.ids, p.params, request.priority)
-            for i, p in enumerate(prompts) if p.params is not None
-        ]
+            await ctx.validate(f"{request_id}-{i}", prompt.ids, prompt.params, request.priority,
+                               "prompt")
+        ctx.check_capacity(len(prompts) * request.n, _sequences_param(request))
+        generators = await ctx.start_all(
+            [(f"{request_id}-{i}", p.text, p.ids, p.params)
+             for i, p in enumerate(prompts) if p.params is not None], request.priority)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         if request.stream:
             return self._stream(request, request_id, prompts, generators, namer)
@@ -118,7 +121,8 @@ class OpenAIServingCompletion:
         if len(items) > limit:
             raise OpenAIError(f"prompt may hold at most {limit} prompts, got {len(items)}", 400,
                               "prompt")
-        ctx.check_capacity(len(items) * request.n, "prompt")
+        ctx.check_capacity(len(items) * request.n, _sequences_param(request))
+        check_bad_words_volume(request.bad_words, len(items) * request.n, ctx.limits)
         bounded = request.truncate_prompt_tokens is None
         prompts = []
         for item in items:
@@ -197,6 +201,11 @@ class OpenAIServingCompletion:
             yield CompletionResponse(
                 id=request_id, created=created, model=self.ctx.model_name, choices=[],
                 usage=usage_of([len(p.ids) for p in prompts], completion_tokens))
+
+
+def _sequences_param(request: CompletionRequest) -> str:
+    """What to name when prompts x n is too many: n if it is more than one."""
+    return "n" if request.n > 1 else "prompt"
 
 
 class _ChoiceFormatter:

@@ -17,13 +17,14 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from kvflow.engine.async_llm import AsyncLLM
+from kvflow.engine.streams import RequestOutputCollector
 from kvflow.engine.token_bytes import TokenBytes
+from kvflow.entrypoints.openai.body import ByteBudget, read_body
 from kvflow.entrypoints.openai.body import parse as parse_body
-from kvflow.entrypoints.openai.body import read_body
 from kvflow.entrypoints.openai.errors import OpenAIError, error_body, error_from_exception
 from kvflow.entrypoints.openai.limits import ServerLimits
 from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
-from kvflow.entrypoints.openai.request_checks import PromptBound
+from kvflow.entrypoints.openai.request_checks import BodyShape, PromptBound
 from kvflow.entrypoints.openai.template_sandbox import TemplateSandbox
 from kvflow.errors import EngineDeadError
 from kvflow.metrics import ServerMetrics
@@ -40,7 +41,8 @@ PREPROCESS_THREADS = 4
 SHRINK_FACTOR = 3.0
 RETRY_AFTER_S = 1
 SMALL_BODY_BYTES = 1 << 20  # bodies up to this size are read at once; larger ones...
-LARGE_BODY_SLOTS = 4  # ...this many at a time
+BODY_BUDGET_BODIES = 16  # ...arrive within a budget of this many largest bodies, and...
+LARGE_PARSES = 2  # ...are parsed this many at a time
 
 # Known parameters the engine cannot honour yet, with the values that are harmless.
 _REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
@@ -83,7 +85,13 @@ class ServingContext:
         # Parsing, tokenizing, rendering and validating run here, never on the event loop.
         self.pool = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS,
                                        thread_name_prefix="kvflow-preprocess")
-        self.large_bodies = asyncio.Semaphore(LARGE_BODY_SLOTS)
+        self.body_budget = ByteBudget(BODY_BUDGET_BODIES * self.limits.max_body_bytes)
+        self.large_parses = asyncio.Semaphore(LARGE_PARSES)
+        # Client templates wait for the one sandbox worker here, never in `pool`.
+        self.template_pool = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="kvflow-template")
+        self.pending = 0  # sequences being queued in the engine right now
+        self.body_shape = BodyShape(self.limits, self.max_model_len, self.vocab_size)
         self.token_bytes = TokenBytes(self.engine.get_tokenizer())
         self.prompt_bound = PromptBound(
             self.max_model_len, self.token_bytes.max_token_bytes,
@@ -97,14 +105,15 @@ class ServingContext:
             self.sandbox = TemplateSandbox(timeout_s=self.limits.chat_template_timeout_s,
                                            max_output_chars=self.prompt_bound.max_bytes)
             # its worker process starts in the background (~0.1 s, not on a request's time)
-            self.pool.submit(self.sandbox.render, "", [], add_generation_prompt=False,
+            self.template_pool.submit(self.sandbox.render, "", [], add_generation_prompt=False,
                              special_tokens={})
 
     def close(self) -> None:
         """Stop the preprocessing threads and the template sandbox's process."""
         if self.sandbox is not None:
             self.sandbox.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.template_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_name(self) -> str:
@@ -118,26 +127,28 @@ class ServingContext:
     def vocab_size(self) -> int:
         return int(self.engine.config.model_config.vocab_size)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any,
+                  pool: ThreadPoolExecutor | None = None) -> T:
         """fn(*args) in the preprocessing pool; the event loop only waits for it."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+        return await loop.run_in_executor(pool or self.pool, functools.partial(fn, *args))
 
     async def parse(self, raw: Request, model: Any) -> Any:
         """The request body as `model`: bounded in size and time, parsed off the loop.
 
-        Large bodies are read a few at a time: a flood of them waits in the sockets' buffers,
-        not in this process's memory.
+        Large bodies are held within a byte budget while they arrive (a slow client holds
+        only its own share) and parsed a few at a time (parsing multiplies their size).
         """
+        limits = self.limits
         announced = raw.headers.get("content-length", "")
-        if announced.isdigit() and int(announced) <= SMALL_BODY_BYTES:
-            return await self._read_and_parse(raw, model)
-        async with self.large_bodies:
-            return await self._read_and_parse(raw, model)
-
-    async def _read_and_parse(self, raw: Request, model: Any) -> Any:
-        data = await read_body(raw, self.limits.max_body_bytes, self.limits.request_read_timeout_s)
-        return await self.run(parse_body, data, model)
+        size = int(announced) if announced.isdigit() else limits.max_body_bytes
+        if size <= SMALL_BODY_BYTES:
+            data = await read_body(raw, limits.max_body_bytes, limits.request_read_timeout_s)
+            return await self.run(parse_body, data, model, self.body_shape.check)
+        async with self.body_budget.hold(min(size, limits.max_body_bytes)):
+            data = await read_body(raw, limits.max_body_bytes, limits.request_read_timeout_s)
+            async with self.large_parses:
+                return await self.run(parse_body, data, model, self.body_shape.check)
 
     async def check_ready(self, name: str | None) -> None:
         """404 for an unknown model, 503 once the engine is dead: before any stream starts."""
@@ -161,7 +172,8 @@ class ServingContext:
             raise OpenAIError(
                 f"this request asks for {sequences} sequences (prompts x n) but the server takes "
                 f"at most {self.capacity} at once", 400, param)
-        if self.engine.get_num_unfinished_requests() + sequences > self.capacity:
+        tracked = self.engine.get_num_unfinished_requests() + self.pending
+        if tracked + sequences > self.capacity:
             self.metrics.overloaded()
             raise OpenAIError(
                 "the server is overloaded: too many requests are waiting; retry later", 503,
@@ -180,24 +192,41 @@ class ServingContext:
         return ids
 
     async def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       priority: int) -> None:
+                       priority: int, prompt_param: str) -> None:
         """Run the engine's checks now (in the pool): a bad request is a 400 before streaming."""
         try:
             await self.run(self.engine.processor.make_request, request_id, prompt_ids, params,
                            None, priority)
         except ValueError as exc:
-            raise error_from_exception(exc) from exc
+            error = error_from_exception(exc)
+            if error.param is None and "prompt" in error.message.split(" ", 2)[:2]:
+                error.param = prompt_param  # "prompt token ids ...", "the prompt is ..."
+            raise error from exc
 
-    async def generate(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
-                       params: SamplingParams, priority: int) -> AsyncIterator[RequestOutput]:
-        """engine.generate, tracked for metrics and for aborting everything at shutdown."""
-        tracker = self.metrics.track_request()
-        self.in_flight.add(request_id)
+    async def start(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
+                    params: SamplingParams, priority: int) -> AsyncIterator[RequestOutput]:
+        """Queue the request in the engine now, then stream it (tracked for metrics).
+
+        Queued now, not when a streaming response starts iterating: that could be after other
+        requests passed the capacity check, and overload control would not hold.
+        """
         prompt = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
+        self.pending += params.n
+        try:
+            collector = await self.engine.add_request(request_id, prompt, params,
+                                                      priority=priority)
+        finally:
+            self.pending -= params.n
+        self.in_flight.add(request_id)
+        return self._stream(request_id, collector)
+
+    async def _stream(self, request_id: str, collector: RequestOutputCollector
+                      ) -> AsyncIterator[RequestOutput]:
+        tracker = self.metrics.track_request()
         try:
             # aclosing: closing this generator must close the engine's (that aborts it)
             async with contextlib.aclosing(
-                self.engine.generate(prompt, params, request_id, priority=priority)
+                self.engine.stream_outputs(request_id, collector)
             ) as outputs:
                 async for out in outputs:
                     tracker.observe(out)
@@ -205,6 +234,21 @@ class ServingContext:
         finally:
             self.in_flight.discard(request_id)
             tracker.finish()
+
+    async def start_all(self, requests: Sequence[tuple[str, str | None, list[int],
+                                                       SamplingParams]],
+                        priority: int) -> list[AsyncIterator[RequestOutput]]:
+        """start() each; if one fails, those already queued are aborted before raising."""
+        streams: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for request_id, text, ids, params in requests:
+                streams.append(await self.start(request_id, text, ids, params, priority))
+        except BaseException:
+            started = [r[0] for r in requests[:len(streams)]]
+            await self.engine.abort(started)
+            self.in_flight.difference_update(started)
+            raise
+        return streams
 
     async def abort_all(self) -> None:
         """End every in-flight request (their streams finish with finish_reason "abort")."""
@@ -225,8 +269,10 @@ def refuse_unsupported(request: SamplingRequest) -> None:
     if request.stream_options is not None and not request.stream:
         raise OpenAIError("stream_options can only be set when stream is true", 400,
                           "stream_options")
-    if request.ignored_fields():
-        logger.warning("ignored unknown request fields: %s", ", ".join(request.ignored_fields()))
+    ignored = request.ignored_fields()
+    if ignored:
+        more = f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""
+        logger.warning("ignored unknown request fields: %s%s", ", ".join(ignored[:10]), more)
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
