@@ -84,3 +84,26 @@ def test_openapi_names_the_body_models() -> None:
     components = schema["components"]["schemas"]
     assert "prompt" in components["CompletionRequest"]["properties"]
     assert "ChatMessage" in components  # a nested model's definition moved to components
+
+
+async def test_byte_budget_lets_each_body_hold_only_its_share() -> None:
+    import asyncio
+
+    from kvflow.entrypoints.openai.body import ByteBudget
+
+    budget = ByteBudget(100)
+    order: list[str] = []
+
+    async def body(name: str, size: int, hold_s: float) -> None:
+        async with budget.hold(size):
+            order.append(f"{name}+")
+            await asyncio.sleep(hold_s)
+        order.append(f"{name}-")
+
+    slow = asyncio.create_task(body("slow", 60, 0.2))
+    await asyncio.sleep(0)
+    await asyncio.gather(body("small", 30, 0.0), body("big", 50, 0.0))
+    await slow
+    assert order.index("small+") < order.index("slow-")  # fits beside the slow one
+    assert order.index("big+") > order.index("slow-")  # waits for its share
+    assert budget.used == 0

@@ -88,3 +88,42 @@ def test_readme_lists_every_limit() -> None:
 
     readme = (Path(__file__).parents[3] / "README.md").read_text()
     assert ServerLimits.markdown_table() in readme
+
+
+def test_counts_on_the_decoded_body() -> None:
+    from kvflow.entrypoints.openai.request_checks import BodyShape
+
+    shape = BodyShape(LIMITS, max_model_len=100, vocab_size=1000)
+    shape.check({"prompt": [[1] * 100] * 256, "messages": [{"role": "u"}] * 100})
+    for body, param in [
+        ({"prompt": ["x"] * 257}, "prompt"),
+        ({"prompt": [1] * 101}, "prompt"),
+        ({"prompt": [[1], [1] * 101]}, "prompt"),
+        ({"messages": [{"role": "u"}] * 101}, "messages"),
+        ({"messages": [{"role": "u", "content": [{"type": "text"}] * 101}]},
+         "messages.0.content"),
+        ({"tokens": [1] * 101}, "tokens"),
+        ({"stop": ["s"] * 65}, "stop"),
+        ({"allowed_token_ids": [1] * 1001}, "allowed_token_ids"),
+        ({f"f{i}": 1 for i in range(300)}, None),
+    ]:
+        with pytest.raises(OpenAIError) as info:
+            shape.check(body)
+        assert info.value.param == param, body.keys()
+    shape.check({"prompt": [1] * 500, "truncate_prompt_tokens": 50})  # truncation: allowed
+
+
+def test_bad_words_volume_and_messages_size() -> None:
+    from kvflow.entrypoints.openai.request_checks import (
+        check_bad_words_volume,
+        check_messages_size,
+    )
+
+    check_bad_words_volume(["w" * 1000] * 262, 1, LIMITS)
+    with pytest.raises(OpenAIError, match="bad_words"):
+        check_bad_words_volume(["w" * 1000] * 262, 2, LIMITS)
+    bound = PromptBound(max_model_len=100, max_token_bytes=10)
+    check_messages_size(["x" * 500, "y" * 500], bound)
+    with pytest.raises(OpenAIError, match="maximum context length") as info:
+        check_messages_size(["x" * 800, "y" * 800], bound)
+    assert info.value.param == "messages"
