@@ -303,6 +303,10 @@ class AsyncLLM:
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
 
+    def is_unfinished(self, request_id: str) -> bool:
+        """Whether this client still tracks the request (or its n > 1 children)."""
+        return request_id in self.parents or request_id in self.output_processor.states
+
     def get_num_unfinished_requests(self) -> int:
         """Requests (children of n > 1 counted one by one) this client still tracks."""
         return len(self.output_processor.states)

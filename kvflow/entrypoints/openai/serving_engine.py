@@ -105,8 +105,8 @@ class ServingContext:
             self.sandbox = TemplateSandbox(timeout_s=self.limits.chat_template_timeout_s,
                                            max_output_chars=self.prompt_bound.max_bytes)
             # its worker process starts in the background (~0.1 s, not on a request's time)
-            self.template_pool.submit(self.sandbox.render, "", [], add_generation_prompt=False,
-                             special_tokens={})
+            self.template_pool.submit(self.sandbox.render, "", [],
+                                      add_generation_prompt=False, special_tokens={})
 
     def close(self) -> None:
         """Stop the preprocessing threads and the template sandbox's process."""
@@ -217,6 +217,8 @@ class ServingContext:
                                                       priority=priority)
         finally:
             self.pending -= params.n
+        if len(self.in_flight) > 2 * self.capacity:  # ids of streams that never started
+            self.in_flight = {r for r in self.in_flight if self.engine.is_unfinished(r)}
         self.in_flight.add(request_id)
         return self._stream(request_id, collector)
 
