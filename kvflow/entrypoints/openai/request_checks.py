@@ -21,6 +21,16 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 MAX_BODY_FIELDS = 256
 
 
+def too_long(max_model_len: int, what: str, reduce: str, param: str) -> OpenAIError:
+    """vLLM's wording for a request that cannot fit the context."""
+    return OpenAIError(f"This model's maximum context length is {max_model_len} tokens. "
+                       f"However, {what}. Please reduce the length of the {reduce}.", 400, param)
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _at_most(param: str, count: int, limit: int, what: str = "entries") -> None:
     if count > limit:
         raise OpenAIError(f"{param} may have at most {limit} {what}, got {count}", 400, param)
@@ -84,10 +94,8 @@ class BodyShape:
         lists = [prompt] if isinstance(prompt[0], int) else prompt
         for ids in lists:
             if untruncated and isinstance(ids, list) and len(ids) > self.max_model_len:
-                raise OpenAIError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, your request has {len(ids)} input tokens. Please reduce the "
-                    "length of the input.", 400, "prompt")
+                raise too_long(self.max_model_len, f"your request has {len(ids)} input tokens",
+                               "input", "prompt")
 
 
 def check_bad_words_volume(bad_words: list[str] | None, sequences: int,
@@ -102,12 +110,10 @@ def check_bad_words_volume(bad_words: list[str] | None, sequences: int,
 
 def check_messages_size(texts: list[str], bound: PromptBound) -> None:
     """A conversation whose texts alone cannot fit the context is refused before rendering."""
-    size = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    size = sum(utf8_size(t) for t in texts)
     if size > bound.max_bytes:
-        raise OpenAIError(
-            f"This model's maximum context length is {bound.max_model_len} tokens. However, "
-            f"the messages hold {size} bytes of text, more than that many tokens can hold. "
-            "Please reduce the length of the messages.", 400, "messages")
+        raise too_long(bound.max_model_len, f"the messages hold {size} bytes of text, more "
+                       "than that many tokens can hold", "messages", "messages")
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None, trusted: bool) -> str | None:
@@ -147,13 +153,11 @@ class PromptBound:
     shrink: float = 1.0
 
     def check(self, text: str, param: str) -> None:
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        size = utf8_size(text)
         at_least = int(size / self.max_token_bytes / self.shrink)
         if at_least > self.max_model_len:
-            raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your request has at least {at_least} input tokens ({size} bytes of text). "
-                "Please reduce the length of the input.", 400, param)
+            raise too_long(self.max_model_len, f"your request has at least {at_least} input "
+                           f"tokens ({size} bytes of text)", "input", param)
 
     @property
     def max_bytes(self) -> int:

@@ -130,13 +130,8 @@ class OpenAIServingCompletion:
                 ids = await ctx.tokenize(item, request.add_special_tokens, "prompt", bounded)
                 prompt = _Prompt(item, ids)
             else:
-                if not item:
+                if not item:  # (a too long one was refused by BodyShape, on the raw body)
                     raise OpenAIError("prompt must not be empty", 400, "prompt")
-                if bounded and len(item) > ctx.max_model_len:
-                    raise OpenAIError(
-                        f"This model's maximum context length is {ctx.max_model_len} tokens. "
-                        f"However, your request has {len(item)} input tokens. Please reduce the "
-                        "length of the input.", 400, "prompt")
                 prompt = _Prompt(None, list(item))
             if request.truncate_prompt_tokens is not None:
                 prompt.ids = prompt.ids[-request.truncate_prompt_tokens:]
