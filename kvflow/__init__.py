@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvflow.config import EngineArgs
 from kvflow.errors import EngineDeadError, EngineGenerateError
+from kvflow.lora.request import LoRARequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "StructuredOutputsParams",
     "RequestOutput", "CompletionOutput", "Logprob", "EngineDeadError", "EngineGenerateError",
+    "LoRARequest",
     "__version__",
 ]
 

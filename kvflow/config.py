@@ -20,6 +20,10 @@ _DTYPES = {
 }
 
 
+# vLLM's largest supported max_lora_rank.
+MAX_LORA_RANK = 512
+
+
 def _arg(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -58,6 +62,14 @@ class EngineArgs:
     quantization: str | None = _arg(
         None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
+    enable_lora: bool = _arg(False, "serve LoRA adapters (PEFT folders) over the base model")
+    max_loras: int = _arg(1, "most distinct LoRA adapters in one step (the adapter slots)")
+    max_lora_rank: int = _arg(16, "largest LoRA rank accepted (slots are sized for it)")
+    max_cpu_loras: int | None = _arg(
+        None, "LoRA adapters kept loaded, least recently used evicted (default: max_loras)")
+    lora_dtype: str = _arg(
+        "auto", "dtype of the LoRA weights: auto (the model's), float32, bfloat16, float16",
+        choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -92,11 +104,34 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
             enable_chunked_prefill=self.enable_chunked_prefill, policy=self.scheduling_policy,
             stream_interval=self.stream_interval,
+            max_loras=self.max_loras if self.enable_lora else 0,
         )
         return EngineConfig(
             model_config=model_config, cache_config=cache, scheduler_config=scheduler,
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
+            lora_config=self._lora_config(dtype),
         )
+
+    def _lora_config(self, model_dtype: torch.dtype) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_lora_rank > MAX_LORA_RANK:
+            raise ValueError(f"max_lora_rank must be <= {MAX_LORA_RANK}, got {self.max_lora_rank}")
+        cpu_loras = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        if isinstance(cpu_loras, bool) or not isinstance(cpu_loras, int) \
+                or cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({cpu_loras!r}) must be an integer >= max_loras "
+                             f"({self.max_loras})")
+        if self.lora_dtype != "auto" and self.lora_dtype not in _DTYPES:
+            raise ValueError(f"lora_dtype must be auto or one of {', '.join(_DTYPES)}; "
+                             f"got {self.lora_dtype!r}")
+        dtype = model_dtype if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=cpu_loras, dtype=dtype)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -242,6 +277,17 @@ class SchedulerConfig:
     enable_chunked_prefill: bool
     policy: str
     stream_interval: int
+    max_loras: int = 0  # distinct LoRA adapters in one step; 0 when LoRA is off
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA serving limits (set when enable_lora)."""
+
+    max_loras: int  # adapter slots: distinct adapters in one step
+    max_lora_rank: int
+    max_cpu_loras: int  # adapters kept loaded in the core, LRU
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -253,6 +299,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     log_stats: bool = True
     num_threads: int | None = None
+    lora_config: LoRAConfig | None = None
 
 
 @dataclass

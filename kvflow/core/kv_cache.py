@@ -69,7 +69,7 @@ class KVCacheManager:
     # ---- prefix cache ----------------------------------------------------------------
     def _extra_keys(self, request: Request, block_index: int) -> tuple:
         salt = request.cache_salt if block_index == 0 else None
-        return (request.lora_name, salt)
+        return (request.lora_key, salt)
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend request.block_hashes to every full block within its first num_tokens."""

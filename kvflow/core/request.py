@@ -11,6 +11,7 @@ from kvflow.engine.protocol import EngineCoreRequest, FinishReason
 from kvflow.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from kvflow.lora.adapter import LoRAAdapter
     from kvflow.structured.matcher import GrammarState
 
 
@@ -48,9 +49,9 @@ class Request:
 
     __slots__ = (
         "request_id", "prompt_token_ids", "sampling_params", "eos_token_ids", "arrival_time",
-        "priority", "lora_name", "status", "all_token_ids", "num_computed_tokens",
+        "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
-        "max_model_len", "num_preemptions", "seq", "grammar",
+        "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -61,7 +62,10 @@ class Request:
         self.eos_token_ids = frozenset(req.eos_token_ids)
         self.arrival_time = req.arrival_time
         self.priority = req.priority
-        self.lora_name = req.lora_name
+        # The adapter this request runs with, set by the core (held until the request ends,
+        # so evicting or reloading the adapter never changes what it computes).
+        self.lora: LoRAAdapter | None = None
+        self.lora_skips = 0  # steps passed over because its adapter had no slot
         self.status = RequestStatus.WAITING
         self.all_token_ids: list[int] = list(req.prompt_token_ids)
         self.num_computed_tokens = 0
@@ -96,6 +100,11 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def lora_key(self) -> str | None:
+        """The adapter's identity in prefix-cache hashes: a digest of its files' content."""
+        return None if self.lora is None else self.lora.digest
 
     @property
     def cache_salt(self) -> str | None:

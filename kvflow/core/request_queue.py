@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Iterator
 from typing import Protocol
 
 from kvflow.core.request import Request
@@ -15,6 +16,7 @@ class RequestQueue(Protocol):
     def peek(self) -> Request: ...
     def pop(self) -> Request: ...
     def remove(self, request: Request) -> None: ...
+    def requests(self) -> Iterator[Request]: ...
     def __len__(self) -> int: ...
     def __bool__(self) -> bool: ...
 
@@ -39,6 +41,9 @@ class FCFSQueue:
 
     def remove(self, request: Request) -> None:
         self._queue.remove(request)
+
+    def requests(self) -> Iterator[Request]:
+        return iter(self._queue)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -67,6 +72,9 @@ class PriorityQueue:
     def remove(self, request: Request) -> None:
         self._heap = [entry for entry in self._heap if entry[3] is not request]
         heapq.heapify(self._heap)
+
+    def requests(self) -> Iterator[Request]:
+        return (entry[3] for entry in self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)

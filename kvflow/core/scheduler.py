@@ -9,6 +9,7 @@ policy's victim is preempted: its blocks are freed and it recomputes later.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,10 @@ class StepResult:
     sampled: list[int | None]
     logprobs: list[LogprobsLists | None] | None = None
     prompt_logprobs: list[LogprobsLists | None] | None = None
+
+
+# Steps a request may be passed by later ones because its LoRA adapter has no slot.
+LORA_MAX_SKIPS = 16
 
 
 class Scheduler:
@@ -147,8 +152,20 @@ class Scheduler:
         self.waiting.add_front(request)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        # At most max_loras distinct adapters run at once (the model's slots). A request whose
+        # adapter would be one too many waits and later ones may pass it, as in vLLM; once
+        # it has waited LORA_MAX_SKIPS steps nothing passes it any more, so it cannot starve.
+        active = {r.lora.uid for r in self.running if r.lora is not None}
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if (request.lora is not None and request.lora.uid not in active
+                    and len(active) >= self.config.max_loras):
+                skipped.append(self.waiting.pop())
+                request.lora_skips += 1
+                if request.lora_skips > LORA_MAX_SKIPS:
+                    break
+                continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
@@ -164,6 +181,10 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, []))
             budget -= num_new
+            if request.lora is not None:
+                active.add(request.lora.uid)
+        for request in reversed(skipped):
+            self.waiting.add_front(request)
 
     # ---- after the forward pass --------------------------------------------------------
     def update_from_output(
@@ -222,4 +243,11 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             num_steps=self.num_steps,
+            running_lora_adapters=_adapter_counts(self.running),
+            waiting_lora_adapters=_adapter_counts(self.waiting.requests()),
+            max_lora=self.config.max_loras,
         )
+
+
+def _adapter_counts(requests: Iterable[Request]) -> dict[str, int]:
+    return dict(Counter(r.lora.name for r in requests if r.lora is not None))

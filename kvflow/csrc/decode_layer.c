@@ -16,6 +16,9 @@
  *   p[2 + 3j] weight, scale (NULL for float32), bias (or NULL) of projection j:
  *             0 qkv, 1 o, 2 gate_up, 3 down
  * Dimensions d: hidden, heads, kv_heads, head_dim, intermediate, int8 (0/1).
+ * LoRA (lora.c), when `lora` is not NULL: lora[2j], lora[2j + 1] are the slot weights A and
+ * B of projection j, lora_dims = {slots, max rank}, and lora_slots[T] each token's slot (-1:
+ * none); each projection's adapters are added to its output before the output is used.
  * scratch holds T * (hidden + (3 heads + 2 kv_heads) head_dim + 3 intermediate) floats. Returns nonzero if an allocation inside a kernel failed.
  */
 #include <stdint.h>
@@ -37,6 +40,24 @@ int kvflow_paged_decode_attention(
     int64_t num_decodes, int64_t table_width, int64_t block_size,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads);
 void kvflow_silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, int num_threads);
+int kvflow_lora_add(float *out, int64_t out_stride, const float *x, int64_t T, int64_t K,
+                    const int64_t *slot_of_token, const float *A, const float *B,
+                    int64_t num_slots, int64_t R, int64_t n_sub, const int64_t *sub_sizes,
+                    int num_threads);
+
+/* Adds projection j's adapters to out [T, N] (a no-op without LoRA). */
+static int add_lora(void *const *lora, const int64_t *lora_dims, const int64_t *lora_slots,
+                    int j, float *out, const float *x, int64_t T, int64_t K, int64_t n_sub,
+                    const int64_t *sub_sizes, int num_threads)
+{
+    int64_t N = 0;
+    if (!lora)
+        return 0;
+    for (int64_t i = 0; i < n_sub; ++i)
+        N += sub_sizes[i];
+    return kvflow_lora_add(out, N, x, T, K, lora_slots, lora[2 * j], lora[2 * j + 1],
+                           lora_dims[0], lora_dims[1], n_sub, sub_sizes, num_threads);
+}
 
 static int project(void *const *p, int j, int int8, const float *x, float *out, int64_t T,
                    int64_t N, int64_t K, int num_threads)
@@ -54,6 +75,7 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
                         float *key_cache, float *value_cache, const int64_t *slots,
                         const int64_t *block_tables, const int64_t *seq_lens,
                         int64_t table_width, int64_t block_size, int64_t T, float *scratch,
+                        void *const *lora, const int64_t *lora_dims, const int64_t *lora_slots,
                         int num_threads)
 {
     const int64_t H = d[0], nh = d[1], nkv = d[2], hd = d[3], I = d[4];
@@ -61,10 +83,12 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
     const int64_t qkv_width = (nh + 2 * nkv) * hd;
     float *x = scratch, *qkv = x + T * H, *q = qkv + T * qkv_width, *attn = q + T * nh * hd;
     float *gate_up = attn + T * nh * hd, *act = gate_up + T * 2 * I;
+    const int64_t qkv_sizes[3] = {nh * hd, nkv * hd, nkv * hd}, gate_up_sizes[2] = {I, I};
     int failed = 0;
 
     kvflow_rms_norm(hidden, residual, p[0], x, T, H, eps, num_threads);
     failed |= project(p, 0, int8, x, qkv, T, qkv_width, H, num_threads);
+    failed |= add_lora(lora, lora_dims, lora_slots, 0, qkv, x, T, H, 3, qkv_sizes, num_threads);
     kvflow_rotary_cache_write(qkv, qkv_width, cos, sin, key_cache, value_cache, slots, T, nh,
                               nkv, hd, num_threads);
     for (int64_t t = 0; t < T; ++t)
@@ -73,9 +97,14 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
                                             attn, T, table_width, block_size, nh, nkv, hd,
                                             attn_scale, num_threads);
     failed |= project(p, 1, int8, attn, hidden, T, H, nh * hd, num_threads);
+    failed |= add_lora(lora, lora_dims, lora_slots, 1, hidden, attn, T, nh * hd, 1, &H,
+                       num_threads);
     kvflow_rms_norm(hidden, residual, p[1], x, T, H, eps, num_threads);
     failed |= project(p, 2, int8, x, gate_up, T, 2 * I, H, num_threads);
+    failed |= add_lora(lora, lora_dims, lora_slots, 2, gate_up, x, T, H, 2, gate_up_sizes,
+                       num_threads);
     kvflow_silu_mul(gate_up, act, T, I, num_threads);
     failed |= project(p, 3, int8, act, hidden, T, H, I, num_threads);
+    failed |= add_lora(lora, lora_dims, lora_slots, 3, hidden, act, T, I, 1, &H, num_threads);
     return failed;
 }

@@ -19,6 +19,7 @@ from kvflow.engine.protocol import EngineCoreRequest, SchedulerStats
 from kvflow.engine.stats import StatsLogger
 from kvflow.engine.streams import ParentRequest, RequestOutputCollector
 from kvflow.errors import EngineDeadError, EngineGenerateError
+from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
@@ -46,6 +47,9 @@ class AsyncLLM:
         self._output_task: asyncio.Task[None] | None = None
         self._shutdown = False
         self.stats_logger = StatsLogger(config.log_stats if log_stats is None else log_stats)
+        # adapters the core accepted: id -> (name, path); a request naming one of these is
+        # queued without asking the core again
+        self._loras: dict[int, tuple[str, str]] = {}
 
     @classmethod
     def from_engine_args(cls, args: AsyncEngineArgs) -> AsyncLLM:
@@ -73,16 +77,16 @@ class AsyncLLM:
         self._check_alive()
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
-        if lora_request is not None:
-            raise ValueError("lora_request is not supported by this engine yet")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")
+        if lora_request is not None:
+            await self._check_lora(lora_request)
         text, ids = await self._tokenize(prompt, tokenization_kwargs)
         arrival = arrival_time if arrival_time is not None else time.time()
         self._ensure_output_handler()
-        base = await self._make_request(request_id, ids, params, arrival, priority)
+        base = await self._make_request(request_id, ids, params, arrival, priority, lora_request)
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")  # raced
         collector = RequestOutputCollector(params.output_kind)
@@ -97,7 +101,7 @@ class AsyncLLM:
             for i, req in enumerate(requests):
                 self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
                                                   arrival, parent=parent, index=i,
-                                                  sink=collector.put)
+                                                  sink=collector.put, lora_request=lora_request)
             self._idle.clear()
             for req in requests:
                 if self._paused:
@@ -110,14 +114,16 @@ class AsyncLLM:
         return collector
 
     async def _make_request(self, request_id: str, ids: list[int], params: SamplingParams,
-                            arrival: float, priority: int) -> EngineCoreRequest:
+                            arrival: float, priority: int,
+                            lora_request: LoRARequest | None) -> EngineCoreRequest:
         """Validate once (children share the result); heavy checks run off the event loop."""
         heavy = (params.structured_outputs is not None or bool(params.bad_words)
                  or len(params.allowed_token_ids or ()) > 256 or len(ids) > 4096)
         if heavy:  # grammar compilation, tokenizing bad words, scanning long lists
             return await asyncio.to_thread(self.processor.make_request, request_id, ids, params,
-                                           arrival, priority)
-        return self.processor.make_request(request_id, ids, params, arrival, priority)
+                                           arrival, priority, lora_request)
+        return self.processor.make_request(request_id, ids, params, arrival, priority,
+                                           lora_request)
 
     async def _tokenize(self, prompt: PromptType,
                         kwargs: dict[str, Any] | None) -> tuple[str | None, list[int]]:
@@ -191,6 +197,45 @@ class AsyncLLM:
         for rid in request_ids:
             self.parents.pop(rid, None)
         self._update_idle()
+
+    # ---- LoRA adapters -----------------------------------------------------------------
+    async def _check_lora(self, lora_request: Any) -> None:
+        """Refuse a bad adapter before its request is queued: the first request naming an
+        adapter has the core load it (as add_lora does); later ones find it known."""
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(
+                f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        known = self._loras.get(lora_request.lora_int_id)
+        if known != (lora_request.lora_name, lora_request.lora_path):
+            await self.add_lora(lora_request)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into the engine (ValueError naming it and the reason if refused)."""
+        self._check_alive()
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(
+                f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.config.lora_config is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        added = bool(await self.engine_core.call_utility("add_lora", lora_request))
+        self._loras[lora_request.lora_int_id] = (lora_request.lora_name, lora_request.lora_path)
+        return added
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter and free its slot; False if it was not loaded."""
+        self._check_alive()
+        self._loras.pop(lora_id, None)
+        return bool(await self.engine_core.call_utility("remove_lora", lora_id))
+
+    async def list_loras(self) -> set[int]:
+        """Ids of the adapters loaded in the engine."""
+        self._check_alive()
+        return set(await self.engine_core.call_utility("list_loras"))
+
+    async def pin_lora(self, lora_id: int) -> bool:
+        """Keep an adapter loaded: LRU eviction passes it over."""
+        self._check_alive()
+        return bool(await self.engine_core.call_utility("pin_lora", lora_id))
 
     # ---- output handling ----------------------------------------------------------------
     def _ensure_output_handler(self) -> None:

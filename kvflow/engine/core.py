@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import torch
 
 from kvflow.config import EngineConfig
@@ -14,8 +15,11 @@ from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from kvflow.lora.request import LoRARequest
 
 if TYPE_CHECKING:
+    from kvflow.lora.adapter import LoRAAdapter
+    from kvflow.lora.manager import LoRACache
     from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -39,11 +43,22 @@ class EngineCore:
         self.paused = False
         self._seq = 0
         self.structured: StructuredOutputManager | None = None  # made at the first grammar
+        self.loras: LoRACache | None = self._lora_cache()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); up to %.2f sequences of %d tokens",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
             self.max_concurrency, mc.max_model_len,
         )
+
+    def _lora_cache(self) -> LoRACache | None:
+        lc = self.config.lora_config
+        if lc is None:
+            return None
+        from kvflow.lora.adapter import LoRAShapes
+        from kvflow.lora.manager import LoRACache
+
+        shapes = LoRAShapes.from_hf_config(self.config.model_config.hf_config or {})
+        return LoRACache(shapes, lc.max_lora_rank, lc.max_cpu_loras, lc.dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -61,6 +76,8 @@ class EngineCore:
         self._seq += 1
         request = Request(req, self.config.model_config.max_model_len, self._seq,
                           self.runner.device)
+        if req.lora_request is not None:
+            request.lora = self.get_lora(req.lora_request)
         structured = req.sampling_params.structured_outputs
         if structured is not None:
             request.grammar = self._structured_manager().add_request(req.request_id, structured)
@@ -114,3 +131,38 @@ class EngineCore:
 
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.requests)
+
+    # ---- LoRA adapters (utility calls too) ---------------------------------------------------
+    def get_lora(self, lora_request: Any, reload: bool = False) -> LoRAAdapter:
+        """The loaded adapter of a LoRARequest, read from disk if needed (ValueError if
+        refused or LoRA is off)."""
+        if self.loras is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        if not isinstance(lora_request, LoRARequest):  # a list when it crossed ZMQ
+            lora_request = msgspec.convert(lora_request, LoRARequest)
+        return self.loras.get(lora_request, reload)
+
+    def add_lora(self, lora_request: Any) -> bool:
+        """Load an adapter ahead of its requests (ValueError naming it if it is refused);
+        load_inplace=True reads it again even when its id is loaded."""
+        if not isinstance(lora_request, LoRARequest):
+            lora_request = msgspec.convert(lora_request, LoRARequest)
+        adapter = self.get_lora(lora_request, reload=lora_request.load_inplace)
+        logger.info("LoRA adapter '%s' (id %d, rank %d, %.1f MB) loaded", adapter.name,
+                    adapter.int_id, adapter.rank, adapter.nbytes / 1e6)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter and free its slot; running requests finish with their copy."""
+        if self.loras is None or self.loras.remove(lora_id) is None:
+            return False
+        self.runner.release_lora(lora_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set() if self.loras is None else self.loras.ids()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        if self.loras is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        return self.loras.pin(lora_id)

@@ -115,7 +115,8 @@ class CoreClient:
             entry = self._calls.pop(answer.call_id, None)
             if entry is not None:
                 loop, fut = entry
-                result: Any = RuntimeError(answer.error) if answer.error else answer.result
+                error = ValueError if answer.invalid_argument else RuntimeError
+                result: Any = error(answer.error) if answer.error else answer.result
                 loop.call_soon_threadsafe(_settle, fut, result)
         elif outputs.engine_error is not None:
             self._mark_dead(f"the engine core failed: {outputs.engine_error}")

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 # Methods of EngineCore a client may call by name.
 UTILITY_METHODS = frozenset(
-    {"pause", "resume", "get_stats", "reset_prefix_cache", "num_unfinished_requests"}
+    {"pause", "resume", "get_stats", "reset_prefix_cache", "num_unfinished_requests",
+     "add_lora", "remove_lora", "list_loras", "pin_lora"}
 )
 
 InputItem = tuple[RequestType, Any]
@@ -105,6 +106,8 @@ class BusyLoop:
             return UtilityOutput(call.call_id, error=f"unknown utility method {call.method!r}")
         try:
             return UtilityOutput(call.call_id, result=getattr(self.core, call.method)(*call.args))
+        except ValueError as exc:
+            return UtilityOutput(call.call_id, error=str(exc), invalid_argument=True)
         except Exception as exc:
             return UtilityOutput(call.call_id, error=f"{type(exc).__name__}: {exc}")
 

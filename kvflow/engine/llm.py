@@ -9,6 +9,7 @@ from typing import Any
 from kvflow.config import EngineArgs
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.engine.processor import PromptType
+from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import RequestOutputKind, SamplingParams
 
@@ -37,20 +38,26 @@ class LLM:
         *,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt together; outputs come back in input order."""
+        """Generate for every prompt together; outputs come back in input order.
+
+        `lora_request`: one adapter for every prompt, or a list with one entry (or None,
+        the base model) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompt_list = list(prompts)
         params_list = self._params_list(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("priority must have one entry per prompt")
+        loras = _per_prompt(lora_request, len(prompt_list))
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 request_id = str(next(self._counter))
                 self.llm_engine.add_request(
-                    request_id, prompt, params, priority=priority[i] if priority else 0
+                    request_id, prompt, params, priority=priority[i] if priority else 0,
+                    lora_request=loras[i],
                 )
                 ids.append(request_id)
         except Exception:
@@ -66,6 +73,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, generate."""
         one = bool(messages) and isinstance(messages[0], dict)
@@ -78,7 +86,20 @@ class LLM:
             )
             _, ids = processor.tokenize(text, {"add_special_tokens": False})
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.llm_engine.list_loras()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.pin_lora(lora_id)
 
     def _params_list(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
@@ -112,3 +133,13 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+
+def _per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+                n: int) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    loras = list(lora_request)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} lora requests for {n} prompts; give one or one each")
+    return loras

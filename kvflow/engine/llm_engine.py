@@ -10,6 +10,7 @@ from kvflow.engine.core import EngineCore
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.engine.processor import Processor, PromptType, load_tokenizer
 from kvflow.engine.streams import ParentRequest
+from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
@@ -32,27 +33,49 @@ class LLMEngine:
         return cls(args.create_engine_config())
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    priority: int = 0, tokenization_kwargs: dict[str, Any] | None = None) -> None:
+                    priority: int = 0, tokenization_kwargs: dict[str, Any] | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue one request (n > 1 fans out to n child requests)."""
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(
+                    f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+            self.core.get_lora(lora_request)  # a bad adapter fails here, before anything queues
         text, ids = self.processor.tokenize(prompt, tokenization_kwargs)
         arrival = time.time()
         if params.n == 1:
-            req = self.processor.make_request(request_id, ids, params, arrival, priority)
-            self.output_processor.add_request(request_id, text, ids, params, arrival)
+            req = self.processor.make_request(request_id, ids, params, arrival, priority,
+                                              lora_request)
+            self.output_processor.add_request(request_id, text, ids, params, arrival,
+                                              lora_request=lora_request)
             self.core.add_request(req)
             return
         parent = ParentRequest(request_id, params)
         children = [
-            self.processor.make_request(child_id, ids, parent.child_params(i), arrival, priority)
+            self.processor.make_request(child_id, ids, parent.child_params(i), arrival, priority,
+                                        lora_request)
             for i, child_id in enumerate(parent.child_ids)
         ]
         self.parents[request_id] = parent
         for i, req in enumerate(children):
             self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
-                                              arrival, parent=parent, index=i)
+                                              arrival, parent=parent, index=i,
+                                              lora_request=lora_request)
             self.core.add_request(req)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.core.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.core.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.core.list_loras()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.core.pin_lora(lora_id)
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()

@@ -54,6 +54,7 @@ class RequestState:
     cumulative_logprob: float | None = None
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
+    lora_request: Any = None
     sent_tokens: int = 0  # tokens already emitted (DELTA) / count at the last emission
     sent_logprobs: int = 0
     sent_prompt_logprobs: bool = False
@@ -84,7 +85,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float,
                     parent: ParentRequest | None = None, index: int = 0,
-                    sink: Callable[[RequestOutput | BaseException], None] | None = None) -> None:
+                    sink: Callable[[RequestOutput | BaseException], None] | None = None,
+                    lora_request: Any = None) -> None:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         self.states[request_id] = RequestState(
@@ -92,7 +94,7 @@ class OutputProcessor:
             params=params,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
             parent=parent, index=index, sink=sink, metrics=RequestMetrics(arrival_time),
-            stream_interval=self.stream_interval,
+            stream_interval=self.stream_interval, lora_request=lora_request,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -195,6 +197,7 @@ class OutputProcessor:
             request_id=request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
             prompt_logprobs=prompt_logprobs, outputs=outputs, finished=finished,
             metrics=state.metrics, num_cached_tokens=state.num_cached_tokens,
+            lora_request=state.lora_request,
         )
 
     def _to_dict(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvflow.config import ModelConfig
 from kvflow.engine.protocol import EngineCoreRequest
+from kvflow.lora.request import LoRARequest
 from kvflow.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class Processor:
         params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
-        lora_name: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         """Validate a tokenized request and build what is sent to the core."""
         if not isinstance(params, SamplingParams):
@@ -105,6 +106,9 @@ class Processor:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if not -(2**63) <= priority < 2**63:
             raise ValueError(f"priority must be within the 64-bit integer range, got {priority}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(
+                f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
         self._check_prompt(prompt_ids)
         mc = self.model_config
         for name in ("logprobs", "prompt_logprobs"):
@@ -130,7 +134,7 @@ class Processor:
             eos_token_ids=self.eos_token_ids,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
             priority=priority,
-            lora_name=lora_name,
+            lora_request=lora_request,
         )
 
     def _grammars(self) -> GrammarCompiler:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from kvflow.lora.request import LoRARequest
 from kvflow.sampling_params import SamplingParams
 
 
@@ -35,7 +36,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     eos_token_ids: list[int]
     arrival_time: float
     priority: int = 0
-    lora_name: str | None = None
+    lora_request: LoRARequest | None = None
 
 
 class LogprobsLists(msgspec.Struct, array_like=True):
@@ -76,6 +77,10 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_prompt_tokens: int = 0  # computed prompt tokens, since start
     num_generation_tokens: int = 0  # sampled tokens, since start
     num_steps: int = 0
+    # LoRA (vLLM's lora_requests_info): requests per adapter name, and the slot count
+    running_lora_adapters: dict[str, int] = {}
+    waiting_lora_adapters: dict[str, int] = {}
+    max_lora: int = 0
 
 
 class UtilityOutput(msgspec.Struct, array_like=True):
@@ -84,6 +89,7 @@ class UtilityOutput(msgspec.Struct, array_like=True):
     call_id: int
     result: Any = None
     error: str | None = None
+    invalid_argument: bool = False  # the error is a ValueError (the caller's input)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

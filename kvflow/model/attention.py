@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.model import cpu_kernels
+from kvflow.model.layers import LoRAMapping
 
 
 def kv_cache_shape(
@@ -79,6 +80,9 @@ class AttentionMetadata:
     decodes: list[DecodeGroup]  # requests with a single new token
     # Decodes go to the C kernel of kvflow.model.cpu_kernels (one group, nothing gathered).
     cpu_kernel: bool = False
+    # Each token's LoRA adapter slot, when any token of the step has one. It rides here
+    # because this is the one per-step object every layer already receives.
+    lora: LoRAMapping | None = None
 
     @property
     def decode_token_indices(self) -> torch.Tensor | None:

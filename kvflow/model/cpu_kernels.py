@@ -110,7 +110,10 @@ def load() -> ctypes.CDLL | None:
     lib.kvflow_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
     lib.kvflow_silu_mul.restype = None
     lib.kvflow_decode_layer.argtypes = [_ptr, _ptr, _f32, _f32, *[_ptr] * 9, _i64, _i64, _i64,
-                                        _ptr, ctypes.c_int]
+                                        _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+    lib.kvflow_lora_add.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64,
+                                    _i64, _ptr, ctypes.c_int]
+    lib.kvflow_lora_add.restype = ctypes.c_int
     lib.kvflow_decode_layer.restype = ctypes.c_int
     return lib
 
@@ -223,18 +226,38 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def lora_add(out: torch.Tensor, x: torch.Tensor, slot_of_token: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor, sub_sizes: Sequence[int]) -> None:
+    """out [T, N] += each token's adapter: (x [T, K] · a[s]ᵀ) · b[s]ᵀ per sub-projection, with
+    a [S, n_sub R, K], b [S, N, R] float32 and slot_of_token [T] int64 (-1: none). See
+    csrc/lora.c."""
+    assert out.dtype == x.dtype == a.dtype == b.dtype == torch.float32
+    assert out.stride(1) == 1 and x.is_contiguous() and a.is_contiguous() and b.is_contiguous()
+    assert slot_of_token.dtype == torch.int64 and slot_of_token.is_contiguous()
+    num_slots, shrink, _ = a.shape
+    sizes = (ctypes.c_int64 * len(sub_sizes))(*sub_sizes)
+    status = _lib().kvflow_lora_add(
+        out.data_ptr(), out.stride(0), x.data_ptr(), x.shape[0], x.shape[1],
+        slot_of_token.data_ptr(), a.data_ptr(), b.data_ptr(), num_slots, b.shape[2],
+        len(sub_sizes), sizes, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the LoRA kernel could not allocate its buffers")
+
+
 class DecodeLayer:
     """The fixed arguments of kvflow_decode_layer for one decoder layer: weight pointers
     (norms, then weight/scale/bias of qkv, o, gate_up, down) and dimensions.
 
     The pointers are read once: the weights must not move afterwards (callers rebuild when
-    the first weight's address changes).
+    the first weight's address changes). `lora`: the LoRA slot weights (a [S, n_sub R, K],
+    b [S, N, R]) of the four projections, or None; slots are filled in place, never moved.
     """
 
     def __init__(self, norms: tuple[torch.Tensor, torch.Tensor],
                  projections: Sequence[tuple[torch.Tensor, torch.Tensor | None,
                                              torch.Tensor | None]],
-                 dims: tuple[int, int, int, int, int], eps: float, scale: float) -> None:
+                 dims: tuple[int, int, int, int, int], eps: float, scale: float,
+                 lora: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         int8 = projections[0][1] is not None
         tensors = [*norms, *(t for proj in projections for t in proj)]
         for t in tensors:
@@ -246,19 +269,29 @@ class DecodeLayer:
         hidden, heads, kv_heads, head_dim, inter = dims
         self.scratch_per_token = hidden + (3 * heads + 2 * kv_heads) * head_dim + 3 * inter
         self.address = projections[0][0].data_ptr()
+        self.lora = None if lora is None else (ctypes.c_void_p * 8)(
+            *(t.data_ptr() for pair in lora for t in pair))
+        self.lora_dims = None if lora is None else (ctypes.c_int64 * 2)(
+            lora[0][0].shape[0], lora[0][1].shape[2])
+        self._lora_tensors = lora  # keeps the slot tensors alive as long as their pointers
 
 
 def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                  slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scratch: torch.Tensor) -> None:
+                 scratch: torch.Tensor, lora_slots: torch.Tensor | None = None) -> None:
     """One decoder layer over T decode tokens [T, hidden], in place: residual += hidden (the
-    layer's input) ... hidden = the layer's MLP output. See csrc/decode_layer.c."""
+    layer's input) ... hidden = the layer's MLP output. See csrc/decode_layer.c.
+
+    lora_slots [T] int64: each token's adapter slot (-1: none), or None for no LoRA."""
+    with_lora = lora_slots is not None and layer.lora is not None
     status = _lib().kvflow_decode_layer(
         layer.pointers, layer.dims, layer.eps, layer.scale, hidden.data_ptr(),
         residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), *_key_value_addresses(kv_cache),
         slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         block_tables.shape[1], kv_cache.shape[2], hidden.shape[0], scratch.data_ptr(),
+        layer.lora if with_lora else None, layer.lora_dims if with_lora else None,
+        lora_slots.data_ptr() if with_lora else None,  # type: ignore[union-attr]
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("a decode layer kernel could not allocate its buffers")

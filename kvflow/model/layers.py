@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,34 @@ from kvflow.model import cpu_kernels
 
 
 def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    """Every projection is made here, so one place can later swap in LoRA-aware layers."""
+    """Every projection is made here (CPU kernels and quantization swap them later)."""
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+@dataclass(slots=True)
+class LoRAMapping:
+    """Which adapter slot each token of a step uses; built once per step by the runner.
+
+    `groups` lists each slot in use with its tokens' rows in the flat batch: a slice when
+    they are contiguous (requests of one adapter side by side), else an index tensor.
+    """
+
+    token_slots: torch.Tensor  # [T] int64, -1 = the base model only
+    groups: list[tuple[int, slice | torch.Tensor]]
+
+
+class LoRAHook(Protocol):
+    """What a projection calls to add its adapters (kvflow.lora.slots implements it).
+
+    `a` [S, parts * R, K] and `b` [S, N, R] are its slot weights, which the C decode layer
+    reads in place: they never move once made.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def add_(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
+        """out [T, N] += each token's adapter applied to x [T, K]."""
 
 
 # Token counts up to which the C kernels beat oneDNN here (BENCHMARKS.md): float32 from 8
@@ -149,13 +176,23 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = linear(hidden_size, 2 * intermediate_size, bias)
         self.down_proj = linear(intermediate_size, hidden_size, bias)
         self.cpu_kernels = False  # set by use_cpu_kernels_
+        # LoRA adapters of gate+up and of down, set by the model's set_lora_hooks
+        self.gate_up_lora: LoRAHook | None = None
+        self.down_lora: LoRAHook | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRAMapping | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if lora is not None and self.gate_up_lora is not None:
+            self.gate_up_lora.add_(gate_up, x, lora)
         if self.cpu_kernels:
-            return self.down_proj(cpu_kernels.silu_mul(gate_up))  # [T, hidden]
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, intermediate] each
-        return self.down_proj(F.silu(gate) * up)  # [T, hidden]
+            act = cpu_kernels.silu_mul(gate_up)  # [T, intermediate]
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, intermediate] each
+            act = F.silu(gate) * up
+        out = self.down_proj(act)  # [T, hidden]
+        if lora is not None and self.down_lora is not None:
+            self.down_lora.add_(out, act, lora)
+        return out
 
 
 def rope_parameters(config: Any) -> tuple[float, dict[str, Any] | None]:

@@ -6,7 +6,7 @@ q/k/v projections become `qkv_proj` and gate/up become `gate_up_proj` (one matmu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from kvflow.model.layers import (
     INT8_GEMV_MAX_TOKENS,
     CpuLinear,
     GatedMLP,
+    LoRAHook,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -37,6 +38,17 @@ _FUSED_SHARDS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+# What LoRA adapters may target, by kvflow projection: the checkpoint projections fused in it.
+LORA_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+# make(layer index, kvflow projection name, input features, output width of each part)
+MakeLoRAHook = Callable[[int, str, int, list[int]], LoRAHook]
 
 
 def head_dim_of(config: Any) -> int:
@@ -74,6 +86,8 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.o_proj = linear(self.q_size, config.hidden_size, output_bias)
+        self.qkv_lora: LoRAHook | None = None  # set by LlamaForCausalLM.set_lora_hooks
+        self.o_lora: LoRAHook | None = None
 
     def shard_sizes(self) -> list[int]:
         return [self.q_size, self.kv_size, self.kv_size]
@@ -87,6 +101,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        if metadata.lora is not None and self.qkv_lora is not None:
+            self.qkv_lora.add_(qkv, hidden, metadata.lora)
         if metadata.cpu_kernel:  # rotary in place and the cache write: one C call
             cos, sin = rotary
             cpu_kernels.rotary_cache_write(qkv, cos, sin, kv_cache, metadata.slot_mapping,
@@ -99,7 +115,11 @@ class LlamaAttention(nn.Module):
             q, k = apply_rotary(q, k, *rotary)
         out = paged_attention(q, k, v, kv_cache, metadata, self.scale,
                               cache_written=metadata.cpu_kernel)  # [T, H, hd]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+        flat = out.reshape(num_tokens, self.q_size)  # [T, q_size]
+        projected = self.o_proj(flat)  # [T, hidden]
+        if metadata.lora is not None and self.o_lora is not None:
+            self.o_lora.add_(projected, flat, metadata.lora)
+        return projected
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -128,7 +148,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual  # [T, hidden] each
+        return self.mlp(hidden, metadata.lora), residual  # [T, hidden] each
 
 
 class LlamaModel(nn.Module):
@@ -183,6 +203,8 @@ class LlamaModel(nn.Module):
             return None
         if self._c_layers is None or self._c_layers[0].address != _weight_of(attn.qkv_proj):
             self._c_layers = [self._c_layer(layer) for layer in self.layers]  # type: ignore[arg-type]
+        if metadata.lora is not None and self._c_layers[0].lora is None:
+            return None  # adapters the C layer cannot read: the per-op path applies them
         return self._c_layers
 
     @staticmethod
@@ -196,7 +218,12 @@ class LlamaModel(nn.Module):
         dims = (attn.o_proj.out_features, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                 mlp.intermediate_size)
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        return cpu_kernels.DecodeLayer(norms, parts, dims, layer.input_layernorm.eps, attn.scale)
+        hooks = [attn.qkv_lora, attn.o_lora, mlp.gate_up_lora, mlp.down_lora]
+        lora = None
+        if all(hook is not None for hook in hooks):
+            lora = [(hook.a, hook.b) for hook in hooks]  # type: ignore[union-attr]
+        return cpu_kernels.DecodeLayer(norms, parts, dims, layer.input_layernorm.eps, attn.scale,
+                                       lora)
 
     def _decode_in_c(self, c_layers: list[cpu_kernels.DecodeLayer], hidden: torch.Tensor,
                      rotary: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor],
@@ -206,9 +233,11 @@ class LlamaModel(nn.Module):
         cos, sin = rotary
         group = metadata.decodes[0]
         scratch = hidden.new_empty(hidden.shape[0] * c_layers[0].scratch_per_token)
+        lora_slots = None if metadata.lora is None else metadata.lora.token_slots
         for layer, kv_cache in zip(c_layers, kv_caches, strict=True):
             cpu_kernels.decode_layer(layer, hidden, residual, cos, sin, kv_cache,
-                                     metadata.slot_mapping, group.blocks, group.seq_lens, scratch)
+                                     metadata.slot_mapping, group.blocks, group.seq_lens, scratch,
+                                     lora_slots)
         return self.norm(hidden, residual)[0]  # [T, hidden]
 
 
@@ -251,6 +280,19 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] of the flattened new tokens of a step."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def set_lora_hooks(self, make: MakeLoRAHook) -> None:
+        """Give every projection LoRA can target its adapter hook (see LORA_TARGETS)."""
+        for index, layer in enumerate(self.model.layers):
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            q, kv, inter = attn.q_size, attn.kv_size, mlp.intermediate_size
+            hidden = self.config.hidden_size
+            attn.qkv_lora = make(index, "qkv_proj", hidden, [q, kv, kv])
+            attn.o_lora = make(index, "o_proj", q, [hidden])
+            mlp.gate_up_lora = make(index, "gate_up_proj", hidden, [inter, inter])
+            mlp.down_lora = make(index, "down_proj", inter, [hidden])
+        self.model._c_layers = None  # rebuilt with the adapters' slot weights
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [R, vocab] for selected hidden states [R, hidden]."""

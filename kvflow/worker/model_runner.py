@@ -20,12 +20,14 @@ from kvflow.model.attention import (
     kv_cache_bytes_per_block,
     kv_cache_shape,
 )
+from kvflow.model.layers import LoRAMapping
 from kvflow.model.loader import load_model
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
+    from kvflow.lora.manager import LoRASlotTable
     from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -61,9 +63,35 @@ class ModelRunner:
             self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=mc.device)
                               for _ in range(self.model.num_layers)]
         self.sampler = Sampler()
+        self.lora_slots = self._lora_slots(config)
         # Decode attention in C on the CPU (float32 only), else the pure-torch path.
         self.cpu_kernel = (self.device.type == "cpu" and self.dtype == torch.float32
                            and cpu_kernels.load() is not None)
+
+    def _lora_slots(self, config: EngineConfig) -> LoRASlotTable | None:
+        """The adapter slots, hooked into every projection LoRA can target."""
+        lc = config.lora_config
+        if lc is None:
+            return None
+        from kvflow.lora.manager import LoRASlotTable
+        from kvflow.model.llama import LORA_TARGETS
+
+        table = LoRASlotTable(lc.max_loras, lc.max_lora_rank, lc.dtype, self.device)
+        self.model.set_lora_hooks(lambda layer, name, in_features, sizes: table.make_hook(
+            layer, name, in_features, sizes, LORA_TARGETS[name]))
+        return table
+
+    def release_lora(self, lora_id: int) -> None:
+        if self.lora_slots is not None:
+            self.lora_slots.release(lora_id)
+
+    def _lora_mapping(self, scheduled: list, query_lens: list[int]) -> LoRAMapping | None:
+        if self.lora_slots is None or all(s.request.lora is None for s in scheduled):
+            return None
+        from kvflow.lora.slots import build_mapping
+
+        slots = self.lora_slots.activate([s.request.lora for s in scheduled])
+        return build_mapping(slots, query_lens, self.device)
 
     def _count_blocks(self, config: EngineConfig, start: _CudaMemory | None) -> int:
         cc = config.cache_config
@@ -135,6 +163,7 @@ class ModelRunner:
         metadata = build_attention_metadata(
             query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
             cpu_kernel=self.cpu_kernel)
+        metadata.lora = self._lora_mapping(scheduled, query_lens)
         hidden = self.model(input_ids.to(self.device), positions.to(self.device),
                             self.kv_caches, metadata)  # [num_tokens, hidden]
         ends = np.cumsum(query_lens) - 1
