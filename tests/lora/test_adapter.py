@@ -107,8 +107,8 @@ def test_refuses_other_shapes_and_modules(llama_adapters: dict[str, Path], tmp_p
     save_file({**tensors, key: torch.zeros(8, 48)}, wrong / "adapter_model.safetensors")
     refused(wrong, "layer 0 q_proj", "do not fit")
     embed = copy(good, tmp_path / "embed")
-    save_file({**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 4)},
-              embed / "adapter_model.safetensors")
+    embedding = "base_model.model.model.embed_tokens.lora_embedding_A"
+    save_file({**tensors, embedding: torch.zeros(8, 4)}, embed / "adapter_model.safetensors")
     refused(embed, "embedding or LM-head")
     deep = copy(good, tmp_path / "deep")
     extra = key.replace("layers.0", "layers.7")

@@ -12,7 +12,10 @@ PARTS = [24, 8, 8]  # a fused qkv: q, k, v widths
 K, R, S = 32, 8, 3
 
 
-def random_adapter(ranks: list[int | None], seed: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+Parts = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def random_adapter(ranks: list[int | None], seed: int) -> Parts:
     g = torch.Generator().manual_seed(seed)
     return [None if r is None else (torch.randn(r, K, generator=g), torch.randn(n, r, generator=g))
             for r, n in zip(ranks, PARTS, strict=True)]
