@@ -1,14 +1,15 @@
 """Prometheus metrics of a kvflow server, with vLLM's names under a `kvflow:` prefix.
 
 Engine-wide numbers (running/waiting requests, KV cache usage, token and preemption
-counters, prefix-cache queries/hits) are refreshed from the core's `SchedulerStats` when
-/metrics is scraped; per-request latencies are observed by the server from each request's
-outputs as they stream.
+counters, prefix-cache queries/hits, requests per LoRA adapter) are refreshed from the core's
+`SchedulerStats` when /metrics is scraped; per-request latencies are observed by the server
+from each request's outputs as they stream.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -48,7 +49,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, lora: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.labels = {"model_name": model_name}
         names = ["model_name"]
@@ -96,9 +97,12 @@ class ServerMetrics:
                                        "Prompt length of each request", TOKEN_BUCKETS)
         self.generation_tokens = histogram("kvflow:request_generation_tokens",
                                            "Tokens generated for each request", TOKEN_BUCKETS)
+        self.lora = LoRAMetrics(self.registry, model_name) if lora else None
 
-    def update_from_stats(self, stats: SchedulerStats | dict[str, Any]) -> None:
-        """Refresh the engine-wide numbers from the core's stats (at scrape time)."""
+    def update_from_stats(self, stats: SchedulerStats | dict[str, Any],
+                          lora_names: Iterable[str] = ()) -> None:
+        """Refresh the engine-wide numbers from the core's stats (at scrape time);
+        `lora_names`: the adapters served now (each gets its gauges, 0 when idle)."""
         if not isinstance(stats, SchedulerStats):
             stats = msgspec.convert(stats, SchedulerStats)
         self.running.set(stats.num_running_reqs)
@@ -111,6 +115,9 @@ class ServerMetrics:
             # Counters only go up: add what the core counted since the last scrape.
             counter.inc(max(0, total - self._last_totals[field]))
             self._last_totals[field] = max(total, self._last_totals[field])
+        if self.lora is not None:
+            self.lora.update(stats.running_lora_adapters, stats.waiting_lora_adapters,
+                             stats.max_lora, lora_names)
 
     def update_frontend(self, num_tracked: int) -> None:
         self.frontend_requests.set(num_tracked)
@@ -122,12 +129,55 @@ class ServerMetrics:
         """A dead engine runs nothing: gauges must not keep its last numbers."""
         for gauge in (self.running, self.waiting, self.kv_cache_usage):
             gauge.set(0)
+        if self.lora is not None:
+            self.lora.update({}, {}, self.lora.max_lora, ())
 
     def track_request(self) -> RequestTracker:
         return RequestTracker(self)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoRAMetrics:
+    """Requests per LoRA adapter: vLLM's lora_requests_info, plus a gauge pair per adapter.
+
+    lora_requests_info has one series, whose labels name the adapters with running and
+    waiting requests (comma-separated) and whose value is when it was last updated; the
+    previous series is removed, so the label sets seen over time cannot pile up.
+    """
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.model_name = model_name
+        self.max_lora = 0
+        self.info = Gauge("kvflow:lora_requests_info", "Running stats on LoRA requests",
+                          ["model_name", "running_lora_adapters", "waiting_lora_adapters",
+                           "max_lora"], registry=registry)
+        names = ["model_name", "lora_name"]
+        self.running = Gauge("kvflow:lora_running_requests",
+                             "Requests in the running batch, per LoRA adapter", names,
+                             registry=registry)
+        self.waiting = Gauge("kvflow:lora_waiting_requests",
+                             "Requests waiting to be scheduled, per LoRA adapter", names,
+                             registry=registry)
+        self._shown: set[str] = set()  # adapters with series now
+
+    def update(self, running: dict[str, int], waiting: dict[str, int], max_lora: int,
+               served: Iterable[str]) -> None:
+        self.max_lora = max_lora
+        self.info.clear()
+        self.info.labels(model_name=self.model_name,
+                         running_lora_adapters=",".join(sorted(running)),
+                         waiting_lora_adapters=",".join(sorted(waiting)),
+                         max_lora=str(max_lora)).set_to_current_time()
+        shown = set(served) | set(running) | set(waiting)
+        for name in self._shown - shown:  # unloaded and idle: its series go
+            self.running.remove(self.model_name, name)
+            self.waiting.remove(self.model_name, name)
+        for name in shown:
+            self.running.labels(self.model_name, name).set(running.get(name, 0))
+            self.waiting.labels(self.model_name, name).set(waiting.get(name, 0))
+        self._shown = shown
 
 
 class RequestTracker:

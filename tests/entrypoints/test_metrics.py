@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from kvflow.engine.protocol import SchedulerStats
 from kvflow.metrics import ServerMetrics
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -56,3 +58,33 @@ def test_request_latencies() -> None:
     assert sample(text, "kvflow:inter_token_latency_seconds_count") == 2
     assert 'kvflow:request_success_total{finished_reason="length",model_name="m"} 1.0' in text
     assert 'kvflow:request_success_total{finished_reason="abort",model_name="m"} 1.0' in text
+
+
+def test_lora_gauges() -> None:
+    metrics = ServerMetrics("m", lora=True)
+    metrics.update_from_stats(SchedulerStats(running_lora_adapters={"sql": 2, "chat": 1},
+                                             waiting_lora_adapters={"sql": 1}, max_lora=4),
+                              lora_names=["sql", "chat", "idle"])
+    text = metrics.render().decode()
+    info = [line for line in text.splitlines() if line.startswith("kvflow:lora_requests_info{")]
+    assert len(info) == 1
+    assert 'running_lora_adapters="chat,sql"' in info[0] and 'max_lora="4"' in info[0]
+    assert 'waiting_lora_adapters="sql"' in info[0]
+    assert abs(float(info[0].rsplit(" ", 1)[1]) - time.time()) < 60  # when it was updated
+    assert 'kvflow:lora_running_requests{lora_name="sql",model_name="m"} 2.0' in text
+    assert 'kvflow:lora_waiting_requests{lora_name="sql",model_name="m"} 1.0' in text
+    assert 'kvflow:lora_waiting_requests{lora_name="chat",model_name="m"} 0.0' in text
+    assert 'kvflow:lora_running_requests{lora_name="idle",model_name="m"} 0.0' in text
+    # "chat" was unloaded and has no requests left: its series go, and the info series is one
+    metrics.update_from_stats(SchedulerStats(max_lora=4), lora_names=["sql"])
+    text = metrics.render().decode()
+    assert 'lora_name="chat"' not in text and 'lora_name="idle"' not in text
+    assert 'kvflow:lora_running_requests{lora_name="sql",model_name="m"} 0.0' in text
+    assert text.count("kvflow:lora_requests_info{") == 1
+    assert 'running_lora_adapters="",waiting_lora_adapters=""' in text
+    metrics.update_from_stats(SchedulerStats(running_lora_adapters={"sql": 1}, max_lora=4),
+                              lora_names=["sql"])
+    metrics.engine_dead()
+    assert 'kvflow:lora_running_requests{lora_name="sql",model_name="m"}' not in \
+        metrics.render().decode()
+    assert "lora" not in ServerMetrics("m").render().decode()  # LoRA off: no LoRA metrics
