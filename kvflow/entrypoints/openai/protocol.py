@@ -291,6 +291,21 @@ class DetokenizeResponse(OpenAIBaseModel):
     prompt: str
 
 
+class LoadLoRAAdapterRequest(RequestModel):
+    """POST /v1/load_lora_adapter (with KVFLOW_ALLOW_RUNTIME_LORA_UPDATING)."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """POST /v1/unload_lora_adapter (with KVFLOW_ALLOW_RUNTIME_LORA_UPDATING)."""
+
+    lora_name: str
+    lora_int_id: Int64 | None = None  # accepted as vLLM does; the name decides
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
