@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,11 +38,13 @@ from kvflow.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from kvflow.entrypoints.openai.serving_chat import OpenAIServingChat, render_chat
 from kvflow.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -57,8 +60,14 @@ logger = logging.getLogger(__name__)
 # Paths a load balancer or scraper may call without the API key (as in vLLM).
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 GRACEFUL_SHUTDOWN_S = 5  # after this, uvicorn cancels whatever is still running
+# "1" or "true" adds /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING): whoever can reach the server can then load any local folder.
+RUNTIME_LORA_ENV = "KVFLOW_ALLOW_RUNTIME_LORA_UPDATING"
 
 router = APIRouter()
+runtime_lora_router = APIRouter()
+
+
 def answers(ok: type[BaseModel] | None = None, stream: bool = False) -> dict[int | str, Any]:
     """A route's documented answers: its model (and SSE when it streams), errors in OpenAI's shape.
 
@@ -82,8 +91,11 @@ _ERRORS = {400: "an invalid request", 404: "an unknown model or path",
 EMPTY_OK: dict[int | str, Any] = {
     200: {"description": "the engine is alive (no body)", "content": {}},
     503: {"model": ErrorResponse, "description": "the engine is dead"}}
+TEXT_OK: dict[int | str, Any] = {
+    200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 BODY_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeCompletionRequest,
-               TokenizeChatRequest, DetokenizeRequest)
+               TokenizeChatRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
+               UnloadLoRAAdapterRequest)
 
 
 def _ctx(raw: Request) -> ServingContext:
@@ -127,8 +139,7 @@ async def create_chat_completion(raw: Request) -> Response:
 async def list_models(raw: Request) -> ModelList:
     ctx = _ctx(raw)
     root = str(ctx.engine.config.model_config.path)
-    return ModelList(data=[ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
-                           for name in ctx.served_model_names])
+    return ModelList(data=ctx.models.cards(root, ctx.max_model_len))
 
 
 @router.get("/v1/models/{model_id:path}", responses=answers())
@@ -167,7 +178,7 @@ async def metrics(raw: Request) -> Response:
     else:
         try:
             stats = await asyncio.wait_for(ctx.engine.get_scheduler_stats(), timeout=5)
-            ctx.metrics.update_from_stats(stats)
+            ctx.metrics.update_from_stats(stats, ctx.models.lora_requests)
         except Exception as exc:  # a scrape still answers with what it has
             logger.warning("cannot refresh engine metrics: %r", exc)
     return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
@@ -206,6 +217,28 @@ async def detokenize(raw: Request) -> DetokenizeResponse:
     return DetokenizeResponse(prompt=text)
 
 
+@runtime_lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+                          openapi_extra=body_schema(LoadLoRAAdapterRequest),
+                          responses={**answers(), **TEXT_OK})
+async def load_lora_adapter(raw: Request) -> PlainTextResponse:
+    ctx = _ctx(raw)
+    request = await ctx.parse(raw, LoadLoRAAdapterRequest)
+    return PlainTextResponse(await ctx.models.load_lora_adapter(request))
+
+
+@runtime_lora_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+                          openapi_extra=body_schema(UnloadLoRAAdapterRequest),
+                          responses={**answers(), **TEXT_OK})
+async def unload_lora_adapter(raw: Request) -> PlainTextResponse:
+    ctx = _ctx(raw)
+    request = await ctx.parse(raw, UnloadLoRAAdapterRequest)
+    return PlainTextResponse(await ctx.models.unload_lora_adapter(request))
+
+
+def runtime_lora_updating() -> bool:
+    return os.environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
+
+
 class APIKeyMiddleware:
     """401 for any request without `Authorization: Bearer <key>` (except OPEN_PATHS)."""
 
@@ -239,6 +272,10 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
     app.state.completions = OpenAIServingCompletion(ctx)
     app.state.chat = OpenAIServingChat(ctx)
     app.include_router(router)
+    if runtime_lora_updating():
+        logger.warning("%s is set: clients may load and unload LoRA adapters from local "
+                       "folders", RUNTIME_LORA_ENV)
+        app.include_router(runtime_lora_router)
     add_body_schemas(app, BODY_MODELS)
     install_error_handlers(app)
     if api_key:

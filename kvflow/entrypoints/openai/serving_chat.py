@@ -171,7 +171,7 @@ class OpenAIServingChat:
     async def create(self, request: ChatCompletionRequest
                      ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
         ctx = self.ctx
-        await ctx.check_ready(request.model)
+        lora = await ctx.check_ready(request.model)
         refuse_unsupported(request)
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
@@ -197,13 +197,14 @@ class OpenAIServingChat:
                                        prompt_logprobs=request.prompt_logprobs,
                                        stream=bool(request.stream))
         request_id = random_id("chatcmpl")
-        await ctx.validate(request_id, ids, params, request.priority, "messages")
+        await ctx.validate(request_id, ids, params, request.priority, "messages", lora)
         ctx.check_capacity(request.n)  # again: others may have come in while this one waited
-        outputs = await ctx.start(request_id, prompt, ids, params, request.priority)
+        outputs = await ctx.start(request_id, prompt, ids, params, request.priority, lora)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
+        model = ctx.models.response_name(lora)
         if request.stream:
-            return self._stream(request, request_id, len(ids), outputs, namer)
-        return await self._full(request, request_id, len(ids), outputs, namer)
+            return self._stream(request, request_id, model, len(ids), outputs, namer)
+        return await self._full(request, request_id, model, len(ids), outputs, namer)
 
     def _logprobs(self, request: ChatCompletionRequest, c: CompletionOutput,
                   namer: TokenNamer) -> ChatLogprobs | None:
@@ -212,8 +213,8 @@ class OpenAIServingChat:
         return chat_logprobs(list(c.token_ids), c.logprobs or [], request.top_logprobs or 0,
                              namer, self.ctx.token_bytes)
 
-    async def _full(self, request: ChatCompletionRequest, request_id: str, prompt_len: int,
-                    outputs: AsyncIterator[RequestOutput],
+    async def _full(self, request: ChatCompletionRequest, request_id: str, model: str,
+                    prompt_len: int, outputs: AsyncIterator[RequestOutput],
                     namer: TokenNamer) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         async for out in outputs:
@@ -227,11 +228,11 @@ class OpenAIServingChat:
             for c in sorted(final.outputs, key=lambda c: c.index)
         ]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        return ChatCompletionResponse(id=request_id, model=self.ctx.model_name, choices=choices,
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=usage_of([prompt_len], completion_tokens))
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt_len: int,
-                      outputs: AsyncIterator[RequestOutput],
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, model: str,
+                      prompt_len: int, outputs: AsyncIterator[RequestOutput],
                       namer: TokenNamer) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
         options = request.stream_options
@@ -239,8 +240,8 @@ class OpenAIServingChat:
         completion_tokens = 0
 
         def chunk(choices: list[ChatStreamChoice]) -> ChatCompletionChunk:
-            result = ChatCompletionChunk(id=request_id, created=created,
-                                         model=self.ctx.model_name, choices=choices)
+            result = ChatCompletionChunk(id=request_id, created=created, model=model,
+                                         choices=choices)
             if usage_each:
                 result.usage = usage_of([prompt_len], completion_tokens)
             return result
@@ -259,5 +260,5 @@ class OpenAIServingChat:
                     index=c.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if options and options.include_usage:
-            yield ChatCompletionChunk(id=request_id, created=created, model=self.ctx.model_name,
+            yield ChatCompletionChunk(id=request_id, created=created, model=model,
                                       choices=[], usage=usage_of([prompt_len], completion_tokens))

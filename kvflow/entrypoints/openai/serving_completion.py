@@ -84,7 +84,7 @@ class OpenAIServingCompletion:
     async def create(self, request: CompletionRequest
                      ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
         ctx = self.ctx
-        await ctx.check_ready(request.model)
+        lora = await ctx.check_ready(request.model)
         refuse_unsupported(request)
         check_sampling_bounds(request, ctx.limits, ctx.vocab_size)
         prompts = await self._prompts(request)
@@ -99,15 +99,16 @@ class OpenAIServingCompletion:
                 request, max_tokens=max_tokens, logprobs=request.logprobs,
                 prompt_logprobs=prompt_logprobs, stream=bool(request.stream))
             await ctx.validate(f"{request_id}-{i}", prompt.ids, prompt.params, request.priority,
-                               "prompt")
+                               "prompt", lora)
         ctx.check_capacity(len(prompts) * request.n, _sequences_param(request))
         generators = await ctx.start_all(
             [(f"{request_id}-{i}", p.text, p.ids, p.params)
-             for i, p in enumerate(prompts) if p.params is not None], request.priority)
+             for i, p in enumerate(prompts) if p.params is not None], request.priority, lora)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
+        model = ctx.models.response_name(lora)
         if request.stream:
-            return self._stream(request, request_id, prompts, generators, namer)
-        return await self._full(request, request_id, prompts, generators, namer)
+            return self._stream(request, request_id, model, prompts, generators, namer)
+        return await self._full(request, request_id, model, prompts, generators, namer)
 
     async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         """One entry per prompt: a string, a list of strings, token ids, or lists of them."""
@@ -147,8 +148,8 @@ class OpenAIServingCompletion:
         except Exception as exc:  # ids outside the vocabulary
             raise OpenAIError(f"cannot decode the prompt token ids: {exc}", 400, "prompt") from exc
 
-    async def _full(self, request: CompletionRequest, request_id: str, prompts: list[_Prompt],
-                    generators: list[AsyncIterator[RequestOutput]],
+    async def _full(self, request: CompletionRequest, request_id: str, model: str,
+                    prompts: list[_Prompt], generators: list[AsyncIterator[RequestOutput]],
                     namer: TokenNamer) -> CompletionResponse:
         finals: list[RequestOutput | None] = [None] * len(prompts)
         async for i, out in merge_async_iterators(generators):
@@ -163,10 +164,10 @@ class OpenAIServingCompletion:
                 completion_tokens += len(c.token_ids)
                 choices.append(fmt.choice(i, c, True, final.prompt_logprobs, 0))
         return CompletionResponse(
-            id=request_id, model=self.ctx.model_name, choices=choices,
+            id=request_id, model=model, choices=choices,
             usage=usage_of([len(p.ids) for p in prompts], completion_tokens))
 
-    async def _stream(self, request: CompletionRequest, request_id: str,
+    async def _stream(self, request: CompletionRequest, request_id: str, model: str,
                       prompts: list[_Prompt], generators: list[AsyncIterator[RequestOutput]],
                       namer: TokenNamer) -> AsyncIterator[CompletionResponse]:
         created = int(time.time())
@@ -187,14 +188,14 @@ class OpenAIServingCompletion:
                 offsets[index] = offsets.get(index, 0) + len(choice.text)
                 if not (choice.text or c.finish_reason or c.token_ids and choice.logprobs):
                     continue  # nothing to say yet (e.g. text held back by a stop string)
-                chunk = CompletionResponse(id=request_id, created=created,
-                                           model=self.ctx.model_name, choices=[choice])
+                chunk = CompletionResponse(id=request_id, created=created, model=model,
+                                           choices=[choice])
                 if usage_each:
                     chunk.usage = usage_of([len(p.ids) for p in prompts], completion_tokens)
                 yield chunk
         if options and options.include_usage:
             yield CompletionResponse(
-                id=request_id, created=created, model=self.ctx.model_name, choices=[],
+                id=request_id, created=created, model=model, choices=[],
                 usage=usage_of([len(p.ids) for p in prompts], completion_tokens))
 
 

@@ -25,8 +25,10 @@ from kvflow.entrypoints.openai.errors import OpenAIError, error_body, error_from
 from kvflow.entrypoints.openai.limits import ServerLimits
 from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from kvflow.entrypoints.openai.request_checks import BodyShape, PromptBound
+from kvflow.entrypoints.openai.serving_models import LoRAModulePath, OpenAIServingModels
 from kvflow.entrypoints.openai.template_sandbox import TemplateSandbox
 from kvflow.errors import EngineDeadError
+from kvflow.lora.request import LoRARequest
 from kvflow.metrics import ServerMetrics
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import RequestOutputKind, SamplingParams
@@ -79,9 +81,11 @@ class ServingContext:
     served_model_names: list[str]
     metrics: ServerMetrics
     limits: ServerLimits = field(default_factory=ServerLimits)
+    lora_modules: Sequence[LoRAModulePath] = ()  # --lora-modules: init_static_loras loads them
     in_flight: set[str] = field(default_factory=set)  # request ids, aborted on shutdown
 
     def __post_init__(self) -> None:
+        self.models = OpenAIServingModels(self.engine, self.served_model_names, self.lora_modules)
         # Parsing, tokenizing, rendering and validating run here, never on the event loop.
         self.pool = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS,
                                        thread_name_prefix="kvflow-preprocess")
@@ -117,7 +121,7 @@ class ServingContext:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_names[0]
+        return self.models.model_name
 
     @property
     def max_model_len(self) -> int:
@@ -150,21 +154,20 @@ class ServingContext:
             async with self.large_parses:
                 return await self.run(parse_body, data, model, self.body_shape.check)
 
-    async def check_ready(self, name: str | None) -> None:
-        """404 for an unknown model, 503 once the engine is dead: before any stream starts."""
-        self.check_model(name)
+    async def check_ready(self, name: str | None) -> LoRARequest | None:
+        """The adapter `name` picks (None: the base model); 404 for an unknown model, 503 once
+        the engine is dead: before any stream starts."""
+        lora = self.check_model(name)
         try:
             await self.engine.check_health()
         except EngineDeadError as exc:
             raise OpenAIError(str(exc), 503) from exc
+        return lora
 
-    def check_model(self, name: str | None) -> None:
-        """404 unless the name is served (an absent name means the first served model)."""
-        if name is None or name in self.served_model_names:
-            return
-        if name == self.engine.config.model_config.model:
-            return
-        raise OpenAIError(f"The model `{name}` does not exist.", 404, "model")
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """404 unless the name is served: a name of the base model (an absent name means the
+        first), or a LoRA adapter's, whose LoRARequest is returned."""
+        return self.models.resolve(name)
 
     def check_capacity(self, sequences: int, param: str = "n") -> None:
         """400 if the request could never be taken, 503 while too many requests wait."""
@@ -192,11 +195,11 @@ class ServingContext:
         return ids
 
     async def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       priority: int, prompt_param: str) -> None:
+                       priority: int, prompt_param: str, lora: LoRARequest | None = None) -> None:
         """Run the engine's checks now (in the pool): a bad request is a 400 before streaming."""
         try:
             await self.run(self.engine.processor.make_request, request_id, prompt_ids, params,
-                           None, priority)
+                           None, priority, lora)
         except ValueError as exc:
             error = error_from_exception(exc)
             if error.param is None and "prompt" in error.message.split(" ", 2)[:2]:
@@ -204,7 +207,8 @@ class ServingContext:
             raise error from exc
 
     async def start(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
-                    params: SamplingParams, priority: int) -> AsyncIterator[RequestOutput]:
+                    params: SamplingParams, priority: int, lora: LoRARequest | None = None
+                    ) -> AsyncIterator[RequestOutput]:
         """Queue the request in the engine now, then stream it (tracked for metrics).
 
         Queued now, not when a streaming response starts iterating: that could be after other
@@ -213,8 +217,10 @@ class ServingContext:
         prompt = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
         self.pending += params.n
         try:
-            collector = await self.engine.add_request(request_id, prompt, params,
-                                                      priority=priority)
+            async with self.models.queuing(lora) as current:
+                collector = await self.engine.add_request(request_id, prompt, params,
+                                                          lora_request=current,
+                                                          priority=priority)
         finally:
             self.pending -= params.n
         if len(self.in_flight) > 2 * self.capacity:  # ids of streams that never started
@@ -239,12 +245,13 @@ class ServingContext:
 
     async def start_all(self, requests: Sequence[tuple[str, str | None, list[int],
                                                        SamplingParams]],
-                        priority: int) -> list[AsyncIterator[RequestOutput]]:
+                        priority: int, lora: LoRARequest | None = None
+                        ) -> list[AsyncIterator[RequestOutput]]:
         """start() each; if one fails, those already queued are aborted before raising."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for request_id, text, ids, params in requests:
-                streams.append(await self.start(request_id, text, ids, params, priority))
+                streams.append(await self.start(request_id, text, ids, params, priority, lora))
         except BaseException:
             started = [r[0] for r in requests[:len(streams)]]
             await self.engine.abort(started)
