@@ -9,13 +9,20 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvflow.config import AsyncEngineArgs
 from kvflow.entrypoints.openai.limits import ServerLimits
+from kvflow.entrypoints.openai.serving_models import parse_lora_module
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kvflow.entrypoints.openai.serving_engine import ServingContext
 
 SubParsers = argparse._SubParsersAction
 
@@ -40,6 +47,11 @@ def _serve_parser(sub: SubParsers) -> None:
                    help="require `Authorization: Bearer KEY` (default: $KVFLOW_API_KEY)")
     p.add_argument("--disable-access-log", action="store_true",
                    help="do not log one line per HTTP request")
+    p.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters to serve (needs --enable-lora), each `name=path` or "
+                   "JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; "
+                   "clients pick one by its name in `model`")
     ServerLimits.add_cli_args(p)
     AsyncEngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
@@ -104,9 +116,13 @@ def usage_text(base_url: str, model: str, api_key: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.lora_modules and not args.enable_lora:  # before anything loads
+        print("kvflow serve: error: --lora-modules needs --enable-lora", file=sys.stderr)
+        return 2
     from kvflow.engine.async_llm import AsyncLLM
-    from kvflow.entrypoints.openai.server import bind_socket, build_app, serve_http
+    from kvflow.entrypoints.openai.server import bind_socket, build_app
     from kvflow.entrypoints.openai.serving_engine import ServingContext
+    from kvflow.entrypoints.openai.serving_models import StaticLoRAError
     from kvflow.metrics import ServerMetrics
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -126,20 +142,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gc.freeze()
         try:
             served = args.served_model_name or [args.model or engine.config.model_config.model]
-            ctx = ServingContext(engine, served, ServerMetrics(served[0]), limits)
+            metrics = ServerMetrics(served[0], lora=engine.config.lora_config is not None)
+            ctx = ServingContext(engine, served, metrics, limits,
+                                 lora_modules=args.lora_modules or ())
             app = build_app(ctx, api_key)
             text = usage_text(f"http://{shown_host}:{port}", served[0], api_key)
-            engine_died = asyncio.run(serve_http(app, sock, lambda: print(text, flush=True),
-                                                 log_level=args.log_level.lower(),
-                                                 access_log=not args.disable_access_log))
+            engine_died = asyncio.run(_serve(app, ctx, sock, text, args))
         finally:
             engine.shutdown()
     except KeyboardInterrupt:
         pass
+    except StaticLoRAError as exc:
+        print(f"kvflow serve: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         sock.close()
     # Non-zero after the engine died (as vLLM's server): a supervisor restarts the server.
     return 1 if engine_died else 0
+
+
+async def _serve(app: FastAPI, ctx: ServingContext, sock: socket.socket, text: str,
+                 args: argparse.Namespace) -> bool:
+    """Load the --lora-modules adapters (StaticLoRAError: the server does not start), then
+    serve; True when the engine died."""
+    from kvflow.entrypoints.openai.server import serve_http
+
+    try:
+        await ctx.models.init_static_loras()
+    except BaseException:
+        ctx.close()  # the app's lifespan, which would close it, never runs
+        raise
+    if ctx.models.lora_requests:
+        text += ("\nLoRA adapters (name one in `model`): "
+                 + ", ".join(ctx.models.lora_requests))
+    return await serve_http(app, sock, lambda: print(text, flush=True),
+                            log_level=args.log_level.lower(),
+                            access_log=not args.disable_access_log)
 
 
 # ---- chat -----------------------------------------------------------------------------
