@@ -5,7 +5,9 @@ from __future__ import annotations
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
-from kvflow.core.scheduler import Scheduler, SchedulerOutput, StepResult
+from kvflow.core.scheduler import LORA_MAX_SKIPS, Scheduler, SchedulerOutput, StepResult
+from kvflow.lora.adapter import LoRAAdapter
+from kvflow.lora.request import LoRARequest
 from tests.core.helpers import make_request
 
 
@@ -164,4 +166,77 @@ def test_soak_random_requests_never_deadlock() -> None:
     for rid, req in expected.items():
         if rid not in aborted:
             assert req.num_output_tokens == req.max_tokens, rid
+    assert_no_leaks(s)
+
+
+# ---- LoRA: at most max_loras distinct adapters per step -------------------------------------
+def lora_scheduler(max_loras: int, max_seqs: int = 16, budget: int = 256) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                             enable_chunked_prefill=True, policy="fcfs", stream_interval=1,
+                             max_loras=max_loras)
+    return Scheduler(config, KVCacheManager(256, 16, True), max_model_len=4096)
+
+
+def fake_adapter(name: str, uid: int, digest: str | None = None) -> LoRAAdapter:
+    return LoRAAdapter(LoRARequest(name, uid, f"/{name}"), digest or f"digest-{name}", 1, {},
+                       uid=uid)
+
+
+def with_adapter(request: Request, adapter: LoRAAdapter | None) -> Request:
+    request.lora = adapter
+    return request
+
+
+def adapters_in(out: SchedulerOutput) -> set[str]:
+    return {i.request.lora.name for i in out.scheduled if i.request.lora is not None}
+
+
+def test_max_loras_per_step_later_requests_pass() -> None:
+    s = lora_scheduler(max_loras=2)
+    a, b, c = fake_adapter("a", 1), fake_adapter("b", 2), fake_adapter("c", 3)
+    for i, adapter in enumerate([a, b, c, a, None]):
+        s.add_request(with_adapter(make_request(f"r{i}", [i + 1] * 4, max_tokens=3), adapter))
+    out, _ = fake_step(s)
+    assert [i.request.request_id for i in out.scheduled] == ["r0", "r1", "r3", "r4"]
+    assert [r.request_id for r in s.waiting.requests()] == ["r2"]  # kept its place
+    seen = [adapters_in(out)]
+    while s.has_unfinished_requests():
+        out, _ = fake_step(s)
+        seen.append(adapters_in(out))
+    assert all(len(names) <= 2 for names in seen) and "c" in set().union(*seen)
+    stats = s.stats()
+    assert stats.max_lora == 2 and not stats.running_lora_adapters
+    assert_no_leaks(s)
+
+
+def test_a_waiting_adapter_is_not_starved() -> None:
+    s = lora_scheduler(max_loras=1, max_seqs=64)
+    a, b = fake_adapter("a", 1), fake_adapter("b", 2)
+    s.add_request(with_adapter(make_request("a0", [1] * 4, max_tokens=2), a))
+    s.add_request(with_adapter(make_request("b0", [2] * 4, max_tokens=2), b))
+    admitted_at = None
+    for step in range(200):  # adapter a's requests keep arriving, one per step
+        s.add_request(with_adapter(make_request(f"a{step + 1}", [3] * 4, max_tokens=2), a))
+        out, _ = fake_step(s)
+        assert len(adapters_in(out)) <= 1
+        if "b" in adapters_in(out):
+            admitted_at = step
+            break
+    assert admitted_at is not None and admitted_at <= LORA_MAX_SKIPS + 4
+    assert s.stats().waiting_lora_adapters.get("a", 0) > 0
+    run_to_end(s)
+    assert_no_leaks(s)
+
+
+def test_prefix_blocks_are_keyed_by_adapter_content() -> None:
+    s = lora_scheduler(max_loras=4)
+    prompt = list(range(40))
+    same_content = fake_adapter("a-again", 4, digest="digest-a")
+    cases = [(None, 0), (fake_adapter("a", 1), 0), (fake_adapter("b", 2), 0),
+             (fake_adapter("a", 1), 32), (same_content, 32), (None, 32)]
+    for i, (adapter, cached) in enumerate(cases):
+        s.add_request(with_adapter(make_request(f"p{i}", prompt, max_tokens=1), adapter))
+        out, _ = fake_step(s)
+        assert out.scheduled[0].request.num_cached_tokens == cached, i
+        run_to_end(s)
     assert_no_leaks(s)
