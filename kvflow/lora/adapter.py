@@ -96,7 +96,7 @@ def load_adapter(request: LoRARequest, shapes: LoRAShapes, max_rank: int,
     folder = Path(request.lora_path) if request.lora_path else None
     if folder is None or not folder.is_dir():
         raise refuse("No adapter found: lora_path is not a local folder")
-    config_bytes, weight_bytes = _read_files(folder, refuse)
+    config_bytes, weight_bytes = _read_files(folder, refuse, max_file_bytes(shapes, max_rank))
     try:
         config = json.loads(config_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -111,7 +111,14 @@ def load_adapter(request: LoRARequest, shapes: LoRAShapes, max_rank: int,
     return LoRAAdapter(request, digest, rank, weights)
 
 
-def _read_files(folder: Path, refuse: Any) -> tuple[bytes, bytes]:
+def max_file_bytes(shapes: LoRAShapes, max_rank: int) -> int:
+    """The largest weight file a valid adapter can have: every target module of every layer
+    at max_rank in float64, plus room for the header. Larger files are refused unread."""
+    per_layer = sum(sum(shapes.in_out(module)) for module in TARGET_MODULES)
+    return shapes.num_layers * per_layer * max_rank * 8 + (1 << 20)
+
+
+def _read_files(folder: Path, refuse: Any, limit: int) -> tuple[bytes, bytes]:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file():
         raise refuse(f"No adapter found: {CONFIG_FILE} is missing")
@@ -120,6 +127,11 @@ def _read_files(folder: Path, refuse: Any) -> tuple[bytes, bytes]:
             folder / "adapter_model.bin").exists() else f"{WEIGHTS_FILE} is missing"
         raise refuse(other)
     try:
+        sizes = config_path.stat().st_size, weights_path.stat().st_size
+        if sizes[0] > 1 << 20 or sizes[1] > limit:
+            raise refuse(f"{CONFIG_FILE} ({sizes[0]} bytes) or {WEIGHTS_FILE} ({sizes[1]} "
+                         f"bytes) is larger than any adapter of this model at max_lora_rank "
+                         f"can be ({limit} bytes)")
         return config_path.read_bytes(), weights_path.read_bytes()
     except OSError as exc:
         raise refuse(f"cannot read the adapter: {exc}") from None

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvflow.lora.adapter import LoRAShapes, load_adapter
+from kvflow.lora.adapter import LoRAShapes, load_adapter, max_file_bytes
 from kvflow.lora.request import LoRARequest
 
 SHAPES = LoRAShapes(num_layers=2, hidden_size=64, q_size=64, kv_size=32, intermediate_size=128)
@@ -94,6 +94,10 @@ def test_refusals(llama_adapters: dict[str, Path], tiny_llama_path: Path,
     garbage = copy(good, tmp_path / "json")
     (garbage / "adapter_config.json").write_text("{not json")
     refused(garbage, "not valid JSON")
+    huge = copy(good, tmp_path / "huge")
+    with (huge / "adapter_model.safetensors").open("r+b") as f:
+        f.truncate(max_file_bytes(SHAPES, 16) + 1)  # sparse: nothing is written or read
+    refused(huge, "larger than any adapter")
     no_weights = copy(good, tmp_path / "noweights")
     (no_weights / "adapter_model.safetensors").unlink()
     refused(no_weights, "missing")
