@@ -76,35 +76,39 @@ int kvflow_lora_add(float *out, int64_t out_stride, const float *x, int64_t T, i
                 order[next[slot_of_token[t]]++] = t;
         free(next);
     }
+    /* The slots in use, so each phase is one flat loop over (slot, row): two barriers per
+     * call whatever the number of adapters (a barrier per slot cost much more than the
+     * arithmetic whenever a thread was descheduled). */
+    int64_t *used = malloc((size_t)num_slots * sizeof(int64_t) + 1), num_used = 0;
+    if (!used) {
+        free(order), free(start), free(h);
+        return 1;
+    }
+    for (int64_t s = 0; s < num_slots; ++s)
+        if (start[s + 1] > start[s])
+            used[num_used++] = s;
     /* h[j] belongs to token order[j]: the shrink of each token against its slot's A. */
 #pragma omp parallel num_threads(num_threads)
     {
-        for (int64_t s = 0; s < num_slots; ++s) {
-            const int64_t first = start[s], count = start[s + 1] - first;
-            if (count == 0)
-                continue;
-            const float *a = A + s * H * K;
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < H; ++r)
-                for (int64_t j = first; j < first + count; ++j)
-                    h[j * H + r] = dot(a + r * K, x + order[j] * K, K);
+        for (int64_t item = 0; item < num_used * H; ++item) {
+            const int64_t s = used[item / H], r = item % H;
+            const float *a = A + (s * H + r) * K;
+            for (int64_t j = start[s]; j < start[s + 1]; ++j)
+                h[j * H + r] = dot(a, x + order[j] * K, K);
         }
-        /* (the implicit barrier of the last loop: every h is ready) */
-        for (int64_t s = 0; s < num_slots; ++s) {
-            const int64_t first = start[s], count = start[s + 1] - first;
-            if (count == 0)
-                continue;
-            const float *b = B + s * N * R;
+        /* (the loop's implicit barrier: every h is ready) */
 #pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; ++n) {
-                int64_t sub = 0, edge = sub_sizes[0];
-                while (n >= edge) /* which sub-projection column n belongs to */
-                    edge += sub_sizes[++sub];
-                for (int64_t j = first; j < first + count; ++j)
-                    out[order[j] * out_stride + n] += dot(b + n * R, h + j * H + sub * R, R);
-            }
+        for (int64_t item = 0; item < num_used * N; ++item) {
+            const int64_t s = used[item / N], n = item % N;
+            int64_t sub = 0, edge = sub_sizes[0];
+            while (n >= edge) /* which sub-projection column n belongs to */
+                edge += sub_sizes[++sub];
+            const float *b = B + (s * N + n) * R;
+            for (int64_t j = start[s]; j < start[s + 1]; ++j)
+                out[order[j] * out_stride + n] += dot(b, h + j * H + sub * R, R);
         }
     }
-    free(order), free(start), free(h);
+    free(order), free(start), free(h), free(used);
     return 0;
 }
