@@ -63,15 +63,23 @@ class LoRASlots:
                                  self.part_sizes)
             return
         rank = self.max_rank
+        same = x.dtype == self.a.dtype == out.dtype  # else lora_dtype differs from the model's
         for slot, rows in mapping.groups:
-            shrunk = x[rows] @ self.a[slot].T  # [T_s, parts * R]
+            shrunk = x[rows].to(self.a.dtype) @ self.a[slot].T  # [T_s, parts * R]
             for i, (start, end) in enumerate(itertools.pairwise(self.offsets)):
                 part = shrunk[:, i * rank:(i + 1) * rank]  # [T_s, R]
                 weight = self.b[slot, start:end]  # [N_i, R]
-                if isinstance(rows, slice):
+                if isinstance(rows, slice) and same:
                     out[rows, start:end].addmm_(part, weight.T)
                 else:
-                    out[:, start:end].index_add_(0, rows, part @ weight.T)
+                    out[:, start:end].index_add_(0, _as_index(rows, out),
+                                                 (part @ weight.T).to(out.dtype))
+
+
+def _as_index(rows: slice | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows
+    return torch.arange(rows.start, rows.stop, device=like.device)
 
 
 def build_mapping(slots: list[int], query_lens: list[int], device: torch.device

@@ -220,7 +220,7 @@ class LlamaModel(nn.Module):
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         hooks = [attn.qkv_lora, attn.o_lora, mlp.gate_up_lora, mlp.down_lora]
         lora = None
-        if all(hook is not None for hook in hooks):
+        if all(hook is not None and hook.a.dtype == torch.float32 for hook in hooks):
             lora = [(hook.a, hook.b) for hook in hooks]  # type: ignore[union-attr]
         return cpu_kernels.DecodeLayer(norms, parts, dims, layer.input_layernorm.eps, attn.scale,
                                        lora)

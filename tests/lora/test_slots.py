@@ -87,3 +87,22 @@ def test_mapping_groups() -> None:
     groups = dict(mapping.groups)
     assert groups[1] == slice(2, 3)
     assert isinstance(groups[0], torch.Tensor) and groups[0].tolist() == [0, 1, 3, 4, 5, 6]
+
+
+def test_lora_dtype_other_than_the_model() -> None:
+    """bfloat16 adapter weights on a float32 model: computed in bfloat16, added in float32."""
+    slots = LoRASlots(S, R, K, PARTS, torch.bfloat16, torch.device("cpu"))
+    adapters = {0: random_adapter([8, 4, 2], 0), 1: random_adapter([3, None, 8], 1)}
+    for slot, parts in adapters.items():
+        slots.load(slot, parts)
+    assert not slots.use_c
+    lens, per_request = [2, 3, 1], [1, 0, 1]
+    x = torch.randn(sum(lens), K)
+    out = torch.zeros(sum(lens), sum(PARTS))
+    mapping = build_mapping(per_request, lens, torch.device("cpu"))
+    assert mapping is not None
+    slots.add_(out, x, mapping)
+    per_token = [s for s, n in zip(per_request, lens, strict=True) for _ in range(n)]
+    want = reference(x, per_token, adapters)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0.05, atol=0.05 * want.abs().max().item())
