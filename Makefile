@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Verify and convert the default model once into the cache (fast on later runs).
+# Train the example LoRA adapter once into the cache (JSON answers; ~3-6 min on 2 CPU cores).
 # Also build the CPU kernels (C, ~2 s); without a compiler the torch paths are used.
 model: $(STAMP)
 	$(PY) -m kvflow.model.registry
+	$(PY) -m kvflow.lora.example
 	$(PY) -m kvflow.model.cpu_kernels || echo "no C compiler: the CPU paths stay on torch ops"
 
 run: setup
