@@ -228,9 +228,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def lora_add(out: torch.Tensor, x: torch.Tensor, slot_of_token: torch.Tensor, a: torch.Tensor,
              b: torch.Tensor, sub_sizes: Sequence[int]) -> None:
-    """out [T, N] += each token's adapter: (x [T, K] · a[s]ᵀ) · b[s]ᵀ per sub-projection, with
-    a [S, n_sub R, K], b [S, N, R] float32 and slot_of_token [T] int64 (-1: none). See
-    csrc/lora.c."""
+    """out [T, N] += each token's adapter: (x [T, K] · a[s]ᵀ) · b[s], with a [S, n_sub R, K],
+    b [S, n_sub R, N] (block-diagonal over the sub-projections) float32 and slot_of_token [T]
+    int64 (-1: none). See csrc/lora.c."""
     assert out.dtype == x.dtype == a.dtype == b.dtype == torch.float32
     assert out.stride(1) == 1 and x.is_contiguous() and a.is_contiguous() and b.is_contiguous()
     assert slot_of_token.dtype == torch.int64 and slot_of_token.is_contiguous()
@@ -238,7 +238,8 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, slot_of_token: torch.Tensor, a:
     sizes = (ctypes.c_int64 * len(sub_sizes))(*sub_sizes)
     status = _lib().kvflow_lora_add(
         out.data_ptr(), out.stride(0), x.data_ptr(), x.shape[0], x.shape[1],
-        slot_of_token.data_ptr(), a.data_ptr(), b.data_ptr(), num_slots, b.shape[2],
+        slot_of_token.data_ptr(), a.data_ptr(), b.data_ptr(), num_slots,
+        b.shape[1] // len(sub_sizes),
         len(sub_sizes), sizes, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the LoRA kernel could not allocate its buffers")
@@ -250,7 +251,8 @@ class DecodeLayer:
 
     The pointers are read once: the weights must not move afterwards (callers rebuild when
     the first weight's address changes). `lora`: the LoRA slot weights (a [S, n_sub R, K],
-    b [S, N, R]) of the four projections, or None; slots are filled in place, never moved.
+    b [S, n_sub R, N]) of the four projections, or None; slots are filled in place, never
+    moved.
     """
 
     def __init__(self, norms: tuple[torch.Tensor, torch.Tensor],
@@ -272,7 +274,7 @@ class DecodeLayer:
         self.lora = None if lora is None else (ctypes.c_void_p * 8)(
             *(t.data_ptr() for pair in lora for t in pair))
         self.lora_dims = None if lora is None else (ctypes.c_int64 * 2)(
-            lora[0][0].shape[0], lora[0][1].shape[2])
+            lora[0][0].shape[0], lora[0][1].shape[1] // 3)  # qkv: 3 parts of the max rank
         self._lora_tensors = lora  # keeps the slot tensors alive as long as their pointers
 
 

@@ -35,7 +35,7 @@ class LoRAMapping:
 class LoRAHook(Protocol):
     """What a projection calls to add its adapters (kvflow.lora.slots implements it).
 
-    `a` [S, parts * R, K] and `b` [S, N, R] are its slot weights, which the C decode layer
+    `a` [S, parts * R, K] and `b` [S, parts * R, N] are its slot weights, which the C decode layer
     reads in place: they never move once made.
     """
 

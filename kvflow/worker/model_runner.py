@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kvflow.config import EngineConfig
-from kvflow.core.scheduler import SchedulerOutput, StepResult
+from kvflow.core.scheduler import ScheduledRequest, SchedulerOutput, StepResult
 from kvflow.engine.protocol import LogprobsLists
 from kvflow.model import cpu_kernels, hugepages
 from kvflow.model.attention import (
@@ -20,7 +20,6 @@ from kvflow.model.attention import (
     kv_cache_bytes_per_block,
     kv_cache_shape,
 )
-from kvflow.model.layers import LoRAMapping
 from kvflow.model.loader import load_model
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
@@ -85,13 +84,12 @@ class ModelRunner:
         if self.lora_slots is not None:
             self.lora_slots.release(lora_id)
 
-    def _lora_mapping(self, scheduled: list, query_lens: list[int]) -> LoRAMapping | None:
+    def _lora_slots_of(self, scheduled: list[ScheduledRequest]) -> list[int] | None:
+        """Each request's adapter slot (-1: none), its adapter copied in if needed; None when
+        no request of the step has an adapter."""
         if self.lora_slots is None or all(s.request.lora is None for s in scheduled):
             return None
-        from kvflow.lora.slots import build_mapping
-
-        slots = self.lora_slots.activate([s.request.lora for s in scheduled])
-        return build_mapping(slots, query_lens, self.device)
+        return self.lora_slots.activate([s.request.lora for s in scheduled])
 
     def _count_blocks(self, config: EngineConfig, start: _CudaMemory | None) -> int:
         cc = config.cache_config
@@ -147,7 +145,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput,
                 structured: StructuredOutputManager | None = None) -> StepResult:
         """Forward and sample; `structured` is given only while a structured request lives."""
-        scheduled = out.scheduled
+        # With adapters, the step runs its requests grouped by slot (each adapter's tokens one
+        # contiguous run) and the results are put back in the scheduler's order at the end.
+        lora_slots = self._lora_slots_of(out.scheduled)
+        order = None if lora_slots is None else sorted(range(len(lora_slots)),
+                                                       key=lora_slots.__getitem__)
+        scheduled = out.scheduled if order is None else [out.scheduled[i] for i in order]
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
         token_chunks = [
@@ -163,7 +166,11 @@ class ModelRunner:
         metadata = build_attention_metadata(
             query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
             cpu_kernel=self.cpu_kernel)
-        metadata.lora = self._lora_mapping(scheduled, query_lens)
+        if lora_slots is not None and order is not None:
+            from kvflow.lora.slots import build_mapping
+
+            metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
+                                          self.device)
         hidden = self.model(input_ids.to(self.device), positions.to(self.device),
                             self.kv_caches, metadata)  # [num_tokens, hidden]
         ends = np.cumsum(query_lens) - 1
@@ -182,7 +189,10 @@ class ModelRunner:
                 for row, lists in zip(part, part_logprobs, strict=True):
                     logprobs[row] = lists
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
-        return StepResult(sampled, logprobs, prompt_logprobs)
+        if order is None:
+            return StepResult(sampled, logprobs, prompt_logprobs)
+        return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
+                          _in_order(prompt_logprobs, order))
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor,
                 structured: StructuredOutputManager | None
@@ -299,6 +309,16 @@ def keep_freed_memory() -> None:
         return
     if not (mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)):
         logger.debug("mallopt refused the heap thresholds; large temporaries stay mmap-backed")
+
+
+def _in_order(values: list | None, order: list[int]) -> list | None:
+    """values[k] belongs to request order[k]: put it back at that index."""
+    if values is None:
+        return None
+    result = [None] * len(values)
+    for k, index in enumerate(order):
+        result[index] = values[k]
+    return result
 
 
 def _to_lists(t: LogprobsTensors) -> LogprobsLists:
