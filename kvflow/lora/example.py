@@ -14,7 +14,6 @@ RECIPE_VERSION names the folder.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from kvflow.lora.example_data import make_examples
-from kvflow.model.registry import DEFAULT_MODEL, cache_dir, resolve_model
+from kvflow.model.registry import DEFAULT_MODEL, cache_dir, replace_dir, resolve_model
 
 ADAPTER_NAME = "smollm2-json"
 RECIPE_VERSION = 1
@@ -73,7 +72,7 @@ def example_adapter() -> Path:
         marker = {"recipe": recipe_key(), "stats": stats}
         (staging / MARKER).write_text(json.dumps(marker, indent=2))
         if not is_trained(target):  # else a concurrent run finished first
-            _replace_dir(staging, target)
+            replace_dir(staging, target, is_trained)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -164,18 +163,6 @@ def _batch(examples: list[tuple[list[int], list[int]]],
     return ids, labels, mask
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename staging to target; an outdated or partial target is moved aside first."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
-        with contextlib.suppress(FileNotFoundError):  # another process removed it meanwhile
-            target.rename(stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        staging.rename(target)
-    except OSError:
-        if not is_trained(target):  # else another process renamed its own adapter in first
-            raise
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -174,7 +175,7 @@ def _convert_into_cache(gguf_file: Path, target: Path, source: dict[str, object]
         marker = {"version": CONVERSION_VERSION, "source": source}
         (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
         if not _is_converted(target, source):  # else a concurrent start finished first
-            _replace_dir(staging, target)
+            replace_dir(staging, target, lambda t: (t / CONVERSION_MARKER).is_file())
     except OSError as exc:
         raise ModelLoadError(f"converting {gguf_file} into {target} failed: {exc}") from exc
     finally:
@@ -182,8 +183,9 @@ def _convert_into_cache(gguf_file: Path, target: Path, source: dict[str, object]
     return target
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename staging to target; an outdated or partial target is moved aside first."""
+def replace_dir(staging: Path, target: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Rename staging to target; an outdated or partial target is moved aside first. If the
+    rename fails because another process put a complete target there first, that one stays."""
     if target.exists():
         stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
         with contextlib.suppress(FileNotFoundError):  # another process removed it meanwhile
@@ -192,8 +194,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
     try:
         staging.rename(target)
     except OSError:
-        # Another process renamed its own complete conversion in first; keep that one.
-        if not (target / CONVERSION_MARKER).is_file():
+        if not is_complete(target):
             raise
 
 
