@@ -232,6 +232,7 @@ class Scheduler:
         del self.requests[request.request_id]
 
     def stats(self) -> SchedulerStats:
+        lora = self.config.max_loras > 0  # (counting walks the queue: only when LoRA is on)
         return SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
@@ -243,8 +244,8 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             num_steps=self.num_steps,
-            running_lora_adapters=_adapter_counts(self.running),
-            waiting_lora_adapters=_adapter_counts(self.waiting.requests()),
+            running_lora_adapters=_adapter_counts(self.running) if lora else {},
+            waiting_lora_adapters=_adapter_counts(self.waiting.requests()) if lora else {},
             max_lora=self.config.max_loras,
         )
 
