@@ -37,7 +37,8 @@ class EngineArgs:
     )
     tokenizer: str | None = _arg(None, "tokenizer folder (default: the model's)")
     dtype: str = _arg(
-        "auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+        "auto", "auto (bfloat16 on CUDA and on CPUs with native bf16 compute: AMX or "
+        "AVX512-BF16; else float32), float32, bfloat16, float16",
         choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
     )
     device: str = _arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
@@ -85,7 +86,7 @@ class EngineArgs:
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
         device = _resolve_device(self.device)
-        dtype = _resolve_dtype(self.dtype, device)
+        dtype = _resolve_dtype(self.dtype, device, self.quantization)
         path = resolve_model(self.model)
         model_config = ModelConfig.from_folder(
             model=self.model, path=path, tokenizer=self.tokenizer, dtype=dtype, device=device,
@@ -109,10 +110,10 @@ class EngineArgs:
         return EngineConfig(
             model_config=model_config, cache_config=cache, scheduler_config=scheduler,
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
-            lora_config=self._lora_config(dtype),
+            lora_config=self._lora_config(dtype, device),
         )
 
-    def _lora_config(self, model_dtype: torch.dtype) -> LoRAConfig | None:
+    def _lora_config(self, model_dtype: torch.dtype, device: torch.device) -> LoRAConfig | None:
         if not self.enable_lora:
             return None
         for name in ("max_loras", "max_lora_rank"):
@@ -129,7 +130,11 @@ class EngineArgs:
         if self.lora_dtype != "auto" and self.lora_dtype not in _DTYPES:
             raise ValueError(f"lora_dtype must be auto or one of {', '.join(_DTYPES)}; "
                              f"got {self.lora_dtype!r}")
-        dtype = model_dtype if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
+        # auto: the model's dtype, but float32 on a CPU (the C LoRA op's, and the C decode
+        # layer's, whatever the model's dtype; adapters are small)
+        auto = torch.float32 if model_dtype == torch.bfloat16 and device.type == "cpu" \
+            else model_dtype
+        dtype = auto if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                           max_cpu_loras=cpu_loras, dtype=dtype)
 
@@ -191,9 +196,17 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype: str, device: torch.device, quantization: str | None) -> torch.dtype:
+    """auto: bfloat16 on a GPU, and on a CPU that computes bf16 natively (the ISA level in
+    use: AMX or AVX512-BF16) unless the weights are int8 (float32 activations); float32 on
+    other CPUs, where bf16 arithmetic is emulated."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from kvflow.model import cpu_isa
+
+        native = quantization is None and cpu_isa.detect().native_bf16
+        return torch.bfloat16 if native else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]

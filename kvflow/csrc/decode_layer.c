@@ -11,11 +11,14 @@
  *   residual += hidden; x = rms_norm(residual)
  *   hidden = (silu(x Wgate) * x Wup) Wdown
  *
- * Weights are float32 or int8 with per-row scales (a quantized model). Pointers:
+ * Weights are float32, bfloat16, or int8 with per-row scales (a quantized model); the
+ * activations between the kernels stay float32 (norms, softmax and sums in float32 too),
+ * and the KV cache is float32 or bfloat16. Pointers:
  *   p[0..1]   input and post-attention norm weights
  *   p[2 + 3j] weight, scale (NULL for float32), bias (or NULL) of projection j:
  *             0 qkv, 1 o, 2 gate_up, 3 down
- * Dimensions d: hidden, heads, kv_heads, head_dim, intermediate, int8 (0/1).
+ * Dimensions d: hidden, heads, kv_heads, head_dim, intermediate, weight kind (0 float32,
+ * 1 int8, 2 bfloat16), KV cache in bfloat16 (0/1).
  * LoRA (lora.c), when `lora` is not NULL: lora[2j], lora[2j + 1] are the slot weights A and
  * B of projection j, lora_dims = {slots, max rank}, and lora_slots[T] each token's slot (-1:
  * none); each projection's adapters are added to its output before the output is used.
@@ -30,15 +33,18 @@ int kvflow_linear_i8(const float *x, const int8_t *w, const float *scale, const 
                      float *out, int64_t T, int64_t N, int64_t K, int num_threads);
 void kvflow_rms_norm(const float *x, float *residual, const float *weight, float *out,
                      int64_t T, int64_t H, float eps, int num_threads);
-void kvflow_rotary_cache_write(float *qkv, int64_t row_stride, const float *cos,
-                               const float *sin, float *key_cache, float *value_cache,
+int kvflow_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *out,
+                       int64_t T, int64_t N, int64_t K, int num_threads);
+void kvflow_rotary_cache_write(void *qkv, int64_t row_stride, const float *cos,
+                               const float *sin, void *key_cache, void *value_cache,
                                const int64_t *slots, int64_t T, int64_t H, int64_t KvH,
-                               int64_t hd, int num_threads);
+                               int64_t hd, int qkv_bf16, int cache_bf16, int num_threads);
 int kvflow_paged_decode_attention(
-    const float *query, const float *key_cache, const float *value_cache,
+    const float *query, const void *key_cache, const void *value_cache,
     const int64_t *block_tables, const int64_t *seq_lens, float *out,
     int64_t num_decodes, int64_t table_width, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads);
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int kv_bf16,
+    int num_threads);
 void kvflow_silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, int num_threads);
 int kvflow_lora_add(float *out, int64_t out_stride, const float *x, int64_t T, int64_t K,
                     const int64_t *slot_of_token, const float *A, const float *B,
@@ -59,27 +65,31 @@ static int add_lora(void *const *lora, const int64_t *lora_dims, const int64_t *
                            lora_dims[0], lora_dims[1], n_sub, sub_sizes, num_threads);
 }
 
-static int project(void *const *p, int j, int int8, const float *x, float *out, int64_t T,
+enum { W_F32 = 0, W_I8 = 1, W_BF16 = 2 };
+
+static int project(void *const *p, int j, int kind, const float *x, float *out, int64_t T,
                    int64_t N, int64_t K, int num_threads)
 {
     const void *w = p[2 + 3 * j];
     const float *scale = p[3 + 3 * j], *bias = p[4 + 3 * j];
-    if (int8)
+    if (kind == W_I8)
         return kvflow_linear_i8(x, w, scale, bias, out, T, N, K, num_threads);
+    if (kind == W_BF16)
+        return kvflow_linear_bf16(x, w, bias, out, T, N, K, num_threads);
     kvflow_linear_f32(x, w, bias, out, T, N, K, num_threads);
     return 0;
 }
 
 int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_scale,
                         float *hidden, float *residual, const float *cos, const float *sin,
-                        float *key_cache, float *value_cache, const int64_t *slots,
+                        void *key_cache, void *value_cache, const int64_t *slots,
                         const int64_t *block_tables, const int64_t *seq_lens,
                         int64_t table_width, int64_t block_size, int64_t T, float *scratch,
                         void *const *lora, const int64_t *lora_dims, const int64_t *lora_slots,
                         int num_threads)
 {
     const int64_t H = d[0], nh = d[1], nkv = d[2], hd = d[3], I = d[4];
-    const int int8 = (int)d[5];
+    const int kind = (int)d[5], kv_bf16 = (int)d[6];
     const int64_t qkv_width = (nh + 2 * nkv) * hd;
     float *x = scratch, *qkv = x + T * H, *q = qkv + T * qkv_width, *attn = q + T * nh * hd;
     float *gate_up = attn + T * nh * hd, *act = gate_up + T * 2 * I;
@@ -87,24 +97,24 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
     int failed = 0;
 
     kvflow_rms_norm(hidden, residual, p[0], x, T, H, eps, num_threads);
-    failed |= project(p, 0, int8, x, qkv, T, qkv_width, H, num_threads);
+    failed |= project(p, 0, kind, x, qkv, T, qkv_width, H, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 0, qkv, x, T, H, 3, qkv_sizes, num_threads);
     kvflow_rotary_cache_write(qkv, qkv_width, cos, sin, key_cache, value_cache, slots, T, nh,
-                              nkv, hd, num_threads);
+                              nkv, hd, 0, kv_bf16, num_threads);
     for (int64_t t = 0; t < T; ++t)
         memcpy(q + t * nh * hd, qkv + t * qkv_width, (size_t)(nh * hd) * sizeof(float));
     failed |= kvflow_paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens,
                                             attn, T, table_width, block_size, nh, nkv, hd,
-                                            attn_scale, num_threads);
-    failed |= project(p, 1, int8, attn, hidden, T, H, nh * hd, num_threads);
+                                            attn_scale, kv_bf16, num_threads);
+    failed |= project(p, 1, kind, attn, hidden, T, H, nh * hd, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 1, hidden, attn, T, nh * hd, 1, &H,
                        num_threads);
     kvflow_rms_norm(hidden, residual, p[1], x, T, H, eps, num_threads);
-    failed |= project(p, 2, int8, x, gate_up, T, 2 * I, H, num_threads);
+    failed |= project(p, 2, kind, x, gate_up, T, 2 * I, H, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 2, gate_up, x, T, H, 2, gate_up_sizes,
                        num_threads);
     kvflow_silu_mul(gate_up, act, T, I, num_threads);
-    failed |= project(p, 3, int8, act, hidden, T, H, I, num_threads);
+    failed |= project(p, 3, kind, act, hidden, T, H, I, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 3, hidden, act, T, I, 1, &H, num_threads);
     return failed;
 }

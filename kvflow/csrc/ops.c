@@ -39,37 +39,85 @@ void kvflow_rms_norm(const float *x, float *residual, const float *weight, float
     }
 }
 
-/* Half-split (GPT-NeoX) rotation of one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). */
-static inline void rotate(float *x, const float *cos, const float *sin, int64_t half)
+#define INLINE static inline __attribute__((always_inline))
+
+/* Element i of a row of float32 or bfloat16, and its store (rounded to nearest even). */
+INLINE float load_at(const void *row, int64_t i, int bf16)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+INLINE void store_at(void *row, int64_t i, float v, int bf16)
+{
+    if (bf16)
+        ((uint16_t *)row)[i] = f32_to_bf16(v);
+    else
+        ((float *)row)[i] = v;
+}
+
+/* Half-split (GPT-NeoX) rotation of one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s),
+ * computed in float32 whatever the element type. */
+INLINE void rotate(void *x, const float *cos, const float *sin, int64_t half, int bf16)
 {
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * cos[i] - x2 * sin[i];
-        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+        const float x1 = load_at(x, i, bf16), x2 = load_at(x, i + half, bf16);
+        store_at(x, i, x1 * cos[i] - x2 * sin[i], bf16);
+        store_at(x, i + half, x2 * cos[i + half] + x1 * sin[i + half], bf16);
+    }
+}
+
+/* A row of n elements into a cache row, converted where the element types differ. */
+INLINE void copy_row(void *dst, const void *src, int64_t n, int src_bf16, int dst_bf16)
+{
+    if (src_bf16 == dst_bf16) {
+        memcpy(dst, src, (size_t)n * (src_bf16 ? 2 : 4));
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i)
+        store_at(dst, i, load_at(src, i, src_bf16), dst_bf16);
+}
+
+INLINE void rotary_cache_write(void *qkv, int64_t row_stride, const float *cos,
+                               const float *sin, void *key_cache, void *value_cache,
+                               const int64_t *slots, int64_t T, int64_t H, int64_t KvH,
+                               int64_t hd, int num_threads, const int qkv_bf16,
+                               const int cache_bf16)
+{
+    const int64_t half = hd / 2, kv = KvH * hd;
+    const int64_t qe = qkv_bf16 ? 2 : 4, ce = cache_bf16 ? 2 : 4; /* element sizes */
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+        char *q = (char *)qkv + t * row_stride * qe, *k = q + H * hd * qe, *v = k + kv * qe;
+        const float *c = cos + t * hd, *s = sin + t * hd;
+        for (int64_t h = 0; h < H; ++h)
+            rotate(q + h * hd * qe, c, s, half, qkv_bf16);
+        for (int64_t h = 0; h < KvH; ++h)
+            rotate(k + h * hd * qe, c, s, half, qkv_bf16);
+        copy_row((char *)key_cache + slots[t] * kv * ce, k, kv, qkv_bf16, cache_bf16);
+        copy_row((char *)value_cache + slots[t] * kv * ce, v, kv, qkv_bf16, cache_bf16);
     }
 }
 
 /* Rotate the q and k heads of each token's fused qkv row [q (H*hd) | k (KvH*hd) | v] in
- * place by its cos/sin row [hd], then store k and v in the cache slot `slots[t]`
- * (key/value caches [num_slots, KvH, hd]). */
-void kvflow_rotary_cache_write(float *qkv, int64_t row_stride, const float *cos,
-                               const float *sin, float *key_cache, float *value_cache,
+ * place by its cos/sin row [hd] (float32), then store k and v in the cache slot
+ * `slots[t]` (key/value caches [num_slots, KvH, hd]). qkv rows are `row_stride` elements
+ * apart. qkv_bf16 / cache_bf16: those hold bfloat16, else float32 (a float32 qkv into a
+ * bfloat16 cache is the decode layer's case). */
+void kvflow_rotary_cache_write(void *qkv, int64_t row_stride, const float *cos,
+                               const float *sin, void *key_cache, void *value_cache,
                                const int64_t *slots, int64_t T, int64_t H, int64_t KvH,
-                               int64_t hd, int num_threads)
+                               int64_t hd, int qkv_bf16, int cache_bf16, int num_threads)
 {
-    const int64_t half = hd / 2, kv = KvH * hd;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 1)
-    for (int64_t t = 0; t < T; ++t) {
-        float *q = qkv + t * row_stride, *k = q + H * hd, *v = k + kv;
-        const float *c = cos + t * hd, *s = sin + t * hd;
-        for (int64_t h = 0; h < H; ++h)
-            rotate(q + h * hd, c, s, half);
-        for (int64_t h = 0; h < KvH; ++h)
-            rotate(k + h * hd, c, s, half);
-        memcpy(key_cache + slots[t] * kv, k, (size_t)kv * sizeof(float));
-        memcpy(value_cache + slots[t] * kv, v, (size_t)kv * sizeof(float));
-    }
+    if (!qkv_bf16 && !cache_bf16)
+        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
+                           KvH, hd, num_threads, 0, 0);
+    else if (!qkv_bf16)
+        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
+                           KvH, hd, num_threads, 0, 1);
+    else
+        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
+                           KvH, hd, num_threads, 1, 1);
 }
 
 

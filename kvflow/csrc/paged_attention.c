@@ -4,7 +4,7 @@
  * reads each cached K/V row once, in place, and never touches a slot past a request's
  * length, so its cost is the bandwidth of the live KV cache itself.
  *
- * Layouts (float32, contiguous):
+ * Layouts (contiguous; the cache float32 or bfloat16, everything else float32):
  *   query, out     [num_decodes, num_heads, head_dim]
  *   key/value      [num_blocks, block_size, num_kv_heads, head_dim]  (one layer's cache)
  *   block_tables   [num_decodes, table_width]  block ids, int64
@@ -27,19 +27,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
 #include "vec.h"
-#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Element i of a cache row, float32 or bfloat16 (widened exactly). */
+INLINE float kv_at(const void *row, int64_t i, int bf16)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
 
 /* Prefetch cache lines j * per .. (j + 1) * per - 1 of `block` (`lines` long), so that the
  * block_size tokens of one block, each fetching its part, fetch the whole next block. */
-static inline void prefetch_part(const float *block, int64_t lines, int64_t per, int64_t j)
+static inline void prefetch_part(const char *block, int64_t lines, int64_t per, int64_t j)
 {
     if (block == NULL)
         return;
-    const char *p = (const char *)block;
     for (int64_t l = j * per; l < (j + 1) * per && l < lines; ++l)
-        __builtin_prefetch(p + l * 64, 0, 3);
+        __builtin_prefetch(block + l * 64, 0, 3);
 }
 
 /* s[t] = e^(s[t] - peak) for t < len; returns their sum. */
@@ -64,17 +69,19 @@ static float exp_shifted(float *s, int64_t len, float peak)
     return total;
 }
 
-int kvflow_paged_decode_attention(
-    const float *query, const float *key_cache, const float *value_cache,
+INLINE int attention(
+    const float *query, const char *key_cache, const char *value_cache,
     const int64_t *block_tables, const int64_t *seq_lens, float *out,
     int64_t num_decodes, int64_t table_width, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads)
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads,
+    const int bf16)
 {
+    const int64_t elem = bf16 ? 2 : 4;
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim;
-    const int64_t block_stride = block_size * token_stride;
+    const int64_t block_stride = block_size * token_stride * elem; /* bytes */
     /* Only a full block has a next one, so each of its block_size tokens prefetches `per`. */
-    const int64_t lines = (block_stride * (int64_t)sizeof(float) + 63) / 64;
+    const int64_t lines = (block_stride + 63) / 64;
     const int64_t per = (lines + block_size - 1) / block_size;
     int failed = 0;
 
@@ -91,19 +98,19 @@ int kvflow_paged_decode_attention(
         }
 
         for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-            const float *k_block = key_cache + table[t0 / block_size] * block_stride;
-            const float *k_next = t0 + block_size < len
+            const char *k_block = key_cache + table[t0 / block_size] * block_stride;
+            const char *k_next = t0 + block_size < len
                 ? key_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
                 prefetch_part(k_next, lines, per, j);
                 for (int64_t h = 0; h < num_heads; ++h) {
-                    const float *k = k_block + j * token_stride + (h / group) * head_dim;
+                    const char *k = k_block + (j * token_stride + (h / group) * head_dim) * elem;
                     const float *qh = q + h * head_dim;
                     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                     for (int64_t i = 0; i < head_dim; ++i)
-                        dot += qh[i] * k[i];
+                        dot += qh[i] * kv_at(k, i, bf16);
                     scores[h * len + t0 + j] = dot * scale;
                 }
             }
@@ -121,23 +128,41 @@ int kvflow_paged_decode_attention(
 
         memset(o, 0, sizeof(float) * (size_t)(num_heads * head_dim));
         for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-            const float *v_block = value_cache + table[t0 / block_size] * block_stride;
-            const float *v_next = t0 + block_size < len
+            const char *v_block = value_cache + table[t0 / block_size] * block_stride;
+            const char *v_next = t0 + block_size < len
                 ? value_cache + table[t0 / block_size + 1] * block_stride : NULL;
             const int64_t n = len - t0 < block_size ? len - t0 : block_size;
             for (int64_t j = 0; j < n; ++j) {
                 prefetch_part(v_next, lines, per, j);
                 for (int64_t h = 0; h < num_heads; ++h) {
-                    const float *v = v_block + j * token_stride + (h / group) * head_dim;
+                    const char *v = v_block + (j * token_stride + (h / group) * head_dim) * elem;
                     const float w = scores[h * len + t0 + j];
                     float *oh = o + h * head_dim;
 #pragma omp simd
                     for (int64_t i = 0; i < head_dim; ++i)
-                        oh[i] += w * v[i];
+                        oh[i] += w * kv_at(v, i, bf16);
                 }
             }
         }
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* kv_bf16: the cache holds bfloat16 (half the bytes to read), else float32. Each is its
+ * own specialization of the loop above. */
+int kvflow_paged_decode_attention(
+    const float *query, const void *key_cache, const void *value_cache,
+    const int64_t *block_tables, const int64_t *seq_lens, float *out,
+    int64_t num_decodes, int64_t table_width, int64_t block_size,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int kv_bf16,
+    int num_threads)
+{
+    if (kv_bf16)
+        return attention(query, key_cache, value_cache, block_tables, seq_lens, out,
+                         num_decodes, table_width, block_size, num_heads, num_kv_heads,
+                         head_dim, scale, num_threads, 1);
+    return attention(query, key_cache, value_cache, block_tables, seq_lens, out, num_decodes,
+                     table_width, block_size, num_heads, num_kv_heads, head_dim, scale,
+                     num_threads, 0);
 }

@@ -1,8 +1,14 @@
-"""The C kernels of the CPU path, compiled once per machine and loaded with ctypes.
+"""The C kernels of the CPU path, compiled once per machine and ISA level, loaded with ctypes.
 
 `kvflow/csrc/*.c` is plain C with OpenMP, built by the system C compiler (`$CC`, else `cc`)
 into `$KVFLOW_CACHE_DIR/kernels/` the first time it is needed (about a second), keyed by
-the source, flags and CPU so a changed file or another machine rebuilds. torch already
+the source, flags and CPU so a changed file or another machine rebuilds. There is one build
+per ISA level (kvflow.model.cpu_isa: generic, avx2, avx512, avx512_bf16; amx loads the
+avx512_bf16 build), each compiled for its level's instructions only, never `-march=native`:
+the level this CPU runs is loaded, so no build reaches a CPU that lacks its instructions.
+A loaded build first checks its kernels against plain references on small shapes; a build
+that fails (a compiler or kernel bug on an ISA this project could not test) is dropped
+for the level below, with an error in the log. torch already
 loaded its OpenMP runtime (libgomp.so.1), and the library links against the same soname,
 so both share one thread pool instead of fighting over the cores.
 
@@ -27,12 +33,31 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from kvflow.model import cpu_isa
+from kvflow.model.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.c"))
 HEADERS = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+# Each level's instructions (cumulative). -mtune only schedules; it adds no instruction.
+_X86_TUNE = ["-mtune=native"]
+ISA_FLAGS: dict[str, list[str]] = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", *_X86_TUNE],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq",
+               "-mavx512vl", *_X86_TUNE],
+    "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                    "-mavx512vl", "-mavx512bf16", "-mavx512vnni", *_X86_TUNE],
+}
+# The C build each level loads: AMX's own speed comes from oneDNN (torch), above the GEMV
+# range; in it the avx512_bf16 kernels serve.
+BUILD_OF = {"generic": "generic", "avx2": "avx2", "avx512": "avx512",
+            "avx512_bf16": "avx512_bf16", "amx": "avx512_bf16"}
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -51,17 +76,18 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build() -> Path:
-    """Compile the kernels (if not cached yet) and return the shared library's path."""
-    from kvflow.model.registry import cache_dir  # registry imports the loaders: only when building
-
+def build(level: str | None = None) -> Path:
+    """Compile the kernels of one ISA level (default: the level in use) if not cached yet,
+    and return the shared library's path."""
+    build_level = BUILD_OF[level or cpu_isa.detect().level]
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    identity = " ".join([compiler, *FLAGS, platform.machine(), _cpu_model()]).encode()
+    flags = [*FLAGS, *ISA_FLAGS[build_level]]
+    identity = " ".join([compiler, *flags, platform.machine(), _cpu_model()]).encode()
     text = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
     key = hashlib.sha256(text + identity).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"kvflow_cpu-{key}.so"
+    target = cache_dir() / "kernels" / f"kvflow_cpu-{build_level}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +95,11 @@ def build() -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", partial, "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on kvflow/csrc: {result.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed on kvflow/csrc ({build_level}): "
+                               f"{result.stderr.strip()}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -85,37 +112,116 @@ def enabled() -> bool:
     return os.environ.get("KVFLOW_CPU_KERNELS", "1") != "0"
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they are disabled or cannot be built here."""
+def load(level: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels of the level in use (or of `level`), or None when they are
+    disabled or cannot be built here. A build that fails its self-check gives way to the
+    level below."""
     if not enabled():
         return None
+    return _load(level or cpu_isa.detect().level)
+
+
+def reset() -> None:
+    """Forget the loaded kernels and the detected ISA (after KVFLOW_CPU_ISA or the cache
+    folder changed; tests)."""
+    _load.cache_clear()
+    cpu_isa.detect.cache_clear()
+
+
+@functools.cache
+def _load(level: str) -> ctypes.CDLL | None:
+    build_level = BUILD_OF[level]
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = _bind(ctypes.CDLL(str(build(build_level))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU kernels unavailable, using the torch path: %s", exc)
+        logger.warning("CPU kernels (%s) unavailable: %s", build_level, exc)
+        lib = None
+    if lib is not None:
+        failed = _self_check(lib)
+        if failed is None:
+            return lib
+        logger.error("the %s CPU kernels failed their self-check (%s); using the level below",
+                     build_level, failed)
+    lower = cpu_isa.LEVELS.index(build_level) - 1
+    if lower < 0:
+        logger.warning("no CPU kernels: using the torch path")
         return None
+    return _load(cpu_isa.LEVELS[lower])
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.kvflow_paged_decode_attention
-    fn.argtypes = [_ptr] * 6 + [_i64] * 6 + [_f32, ctypes.c_int]
+    fn.argtypes = [_ptr] * 6 + [_i64] * 6 + [_f32, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.kvflow_linear_f32.argtypes = [_ptr] * 4 + [_i64] * 3 + [ctypes.c_int]
     lib.kvflow_linear_f32.restype = None
+    lib.kvflow_linear_bf16.argtypes = [_ptr] * 4 + [_i64] * 3 + [ctypes.c_int]
+    lib.kvflow_linear_bf16.restype = ctypes.c_int
     lib.kvflow_linear_i8.argtypes = [_ptr] * 5 + [_i64] * 3 + [ctypes.c_int]
     lib.kvflow_linear_i8.restype = ctypes.c_int
     lib.kvflow_rms_norm.argtypes = [_ptr] * 4 + [_i64] * 2 + [_f32, ctypes.c_int]
     lib.kvflow_rms_norm.restype = None
     lib.kvflow_rotary_cache_write.argtypes = [_ptr, _i64, *[_ptr] * 5, *[_i64] * 4,
-                                              ctypes.c_int]
+                                              ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.kvflow_rotary_cache_write.restype = None
     lib.kvflow_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
     lib.kvflow_silu_mul.restype = None
     lib.kvflow_decode_layer.argtypes = [_ptr, _ptr, _f32, _f32, *[_ptr] * 9, _i64, _i64, _i64,
                                         _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+    lib.kvflow_decode_layer.restype = ctypes.c_int
     lib.kvflow_lora_add.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                     _i64, _ptr, ctypes.c_int]
     lib.kvflow_lora_add.restype = ctypes.c_int
-    lib.kvflow_decode_layer.restype = ctypes.c_int
     return lib
+
+
+def _self_check(lib: ctypes.CDLL) -> str | None:
+    """Run the GEMV kernels (float32, bfloat16, int8) and decode attention (float32 and
+    bfloat16 caches) on small ragged shapes against torch; None when all agree, else what
+    failed. A few milliseconds, once per process and level."""
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (1, 5, 9):
+        x = torch.randn(tokens, 72, generator=gen)
+        weight = torch.randn(13, 72, generator=gen)
+        bias = torch.randn(13, generator=gen)
+        expected = F.linear(x, weight, bias)
+        out = x.new_empty(tokens, 13)
+        lib.kvflow_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                              tokens, 13, 72, 1)
+        if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
+            return f"float32 linear at {tokens} tokens"
+        wb = weight.bfloat16()
+        expected = F.linear(x, wb.float(), bias)
+        status = lib.kvflow_linear_bf16(x.data_ptr(), wb.data_ptr(), bias.data_ptr(),
+                                        out.data_ptr(), tokens, 13, 72, 1)
+        if status != 0 or not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
+            return f"bfloat16 linear at {tokens} tokens"
+        xi = torch.randn(tokens, 64, generator=gen)
+        qweight = torch.randint(-127, 128, (13, 64), dtype=torch.int8, generator=gen)
+        scale = torch.rand(13, generator=gen) / 100
+        expected = F.linear(xi, qweight.float() * scale[:, None], bias)
+        status = lib.kvflow_linear_i8(xi.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                                      bias.data_ptr(), out.data_ptr(), tokens, 13, 64, 1)
+        if status != 0 or not torch.allclose(out, expected, rtol=1e-3, atol=1e-2):
+            return f"int8 linear at {tokens} tokens"
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.randn(2, 6, 4, 2, 16, generator=gen).to(dtype)
+        query = torch.randn(3, 4, 16, generator=gen)
+        tables = torch.tensor([[5, 0, 3], [1, 2, 4], [3, 0, 0]])
+        lens = torch.tensor([11, 5, 1])
+        out = torch.empty_like(query)
+        status = lib.kvflow_paged_decode_attention(
+            query.data_ptr(), *_key_value_addresses(cache), tables.data_ptr(),
+            lens.data_ptr(), out.data_ptr(), 3, 3, 4, 4, 2, 16, 0.25,
+            int(dtype == torch.bfloat16), 1)
+        for d in range(3):
+            rows = torch.cat([cache[:, b] for b in tables[d]], dim=1)[:, :lens[d]].float()
+            keys, values = rows[0].repeat_interleave(2, 1), rows[1].repeat_interleave(2, 1)
+            scores = torch.einsum("hd,thd->ht", query[d], keys) * 0.25
+            expected = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
+            if status != 0 or not torch.allclose(out[d], expected, rtol=1e-4, atol=1e-4):
+                return f"decode attention with a {dtype} cache"
+    return None
 
 
 def _lib() -> ctypes.CDLL:
@@ -140,11 +246,13 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Single-token queries [D, H, hd] over one layer's cache [2, NB, bs, KvH, hd] → [D, H, hd].
 
-    block_tables [D, W] and seq_lens [D] are int64; every tensor is float32 on the CPU.
+    block_tables [D, W] and seq_lens [D] are int64; the cache is float32 or bfloat16 on the
+    CPU, the query any float type (computed in float32, returned in the query's dtype).
     """
     lib = _lib()
-    query = query.contiguous()
-    assert kv_cache.is_contiguous() and kv_cache.dtype == torch.float32 == query.dtype
+    out_dtype = query.dtype
+    query = query.float().contiguous()
+    assert kv_cache.is_contiguous() and kv_cache.dtype in (torch.float32, torch.bfloat16)
     assert block_tables.dtype == torch.int64 == seq_lens.dtype
     num_decodes, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -153,27 +261,41 @@ def paged_decode_attention(
         query.data_ptr(), *_key_value_addresses(kv_cache),
         block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(),
         num_decodes, block_tables.shape[1], block_size, num_heads, num_kv_heads, head_dim,
-        scale, torch.get_num_threads(),
+        scale, int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffer")
-    return out
+    return out.to(out_dtype)
 
 
 def _linear_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor,
                                                                      torch.Tensor]:
     lib = _lib()
-    assert x.dtype == torch.float32 and weight.is_contiguous()
-    x = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
+    assert weight.is_contiguous()
+    x = x.reshape(-1, x.shape[-1]).float().contiguous()  # [T, K] float32
     return lib, x, x.new_empty(x.shape[0], weight.shape[0])
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] · weight [N, K]ᵀ (+ bias [N]) → [T, N] float32, for few tokens (GEMV)."""
     lib, x, out = _linear_operands(x, weight)
+    assert weight.dtype == torch.float32
     lib.kvflow_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None
                           else None, out.data_ptr(), *x.shape[:1], *weight.shape,
                           torch.get_num_threads())
+    return out
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (any float type) · weight [N, K]ᵀ bfloat16 (+ bias [N] float32) → [T, N]
+    float32: the weights widened as they are read, sums in float32."""
+    lib, x, out = _linear_operands(x, weight)
+    assert weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.float32)
+    status = lib.kvflow_linear_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr()
+                                    if bias is not None else None, out.data_ptr(),
+                                    *x.shape[:1], *weight.shape, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("bfloat16 linear could not allocate its row buffers")
     return out
 
 
@@ -205,15 +327,20 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 def rotary_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> None:
     """Rotate the q and k parts of fused qkv rows [T, (H + 2 KvH) hd] in place by the cos/sin
-    tables [T, hd], then write k and v into their slots of the cache [2, NB, bs, KvH, hd]."""
+    tables [T, hd] (float32), then write k and v into their slots of the cache
+    [2, NB, bs, KvH, hd]. qkv and the cache are float32 or bfloat16 (the same, or a float32
+    qkv into a bfloat16 cache)."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
     assert cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
+    assert cos.dtype == sin.dtype == torch.float32
     assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    qkv_bf16, cache_bf16 = qkv.dtype == torch.bfloat16, kv_cache.dtype == torch.bfloat16
+    assert qkv.dtype in (torch.float32, torch.bfloat16) and (cache_bf16 or not qkv_bf16)
     _lib().kvflow_rotary_cache_write(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
         *_key_value_addresses(kv_cache), slot_mapping.data_ptr(), qkv.shape[0], num_heads,
-        num_kv_heads, head_dim, torch.get_num_threads())
+        num_kv_heads, head_dim, int(qkv_bf16), int(cache_bf16), torch.get_num_threads())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -249,8 +376,10 @@ class DecodeLayer:
     """The fixed arguments of kvflow_decode_layer for one decoder layer: weight pointers
     (norms, then weight/scale/bias of qkv, o, gate_up, down) and dimensions.
 
-    The pointers are read once: the weights must not move afterwards (callers rebuild when
-    the first weight's address changes). `lora`: the LoRA slot weights (a [S, n_sub R, K],
+    Weights are float32, bfloat16 or int8 (with a scale); norm weights and biases are read
+    as float32 (copies kept here where the model holds them in bfloat16). The pointers are
+    read once: the weights must not move afterwards (callers rebuild when the first
+    weight's address changes). `lora`: the LoRA slot weights (a [S, n_sub R, K],
     b [S, n_sub R, N]) of the four projections, or None; slots are filled in place, never
     moved.
     """
@@ -260,13 +389,18 @@ class DecodeLayer:
                                              torch.Tensor | None]],
                  dims: tuple[int, int, int, int, int], eps: float, scale: float,
                  lora: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        int8 = projections[0][1] is not None
-        tensors = [*norms, *(t for proj in projections for t in proj)]
+        weight = projections[0][0]
+        kind = 1 if projections[0][1] is not None else 2 if weight.dtype == torch.bfloat16 else 0
+        as_f32 = [n.float().contiguous() for n in norms]
+        parts = [(w, scale, None if bias is None else bias.float().contiguous())
+                 for w, scale, bias in projections]
+        tensors = [*as_f32, *(t for proj in parts for t in proj)]
         for t in tensors:
             assert t is None or t.is_contiguous()
         self.pointers = (ctypes.c_void_p * len(tensors))(
             *(None if t is None else t.data_ptr() for t in tensors))
-        self.dims = (ctypes.c_int64 * 6)(*dims, int(int8))
+        self._tensors = tensors  # keeps the float32 copies alive as long as their pointers
+        self.dims = (ctypes.c_int64 * 7)(*dims, kind, 0)  # [6]: bf16 cache, set per call
         self.eps, self.scale = eps, scale
         hidden, heads, kv_heads, head_dim, inter = dims
         self.scratch_per_token = hidden + (3 * heads + 2 * kv_heads) * head_dim + 3 * inter
@@ -287,6 +421,7 @@ def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tenso
 
     lora_slots [T] int64: each token's adapter slot (-1: none), or None for no LoRA."""
     with_lora = lora_slots is not None and layer.lora is not None
+    layer.dims[6] = int(kv_cache.dtype == torch.bfloat16)
     status = _lib().kvflow_decode_layer(
         layer.pointers, layer.dims, layer.eps, layer.scale, hidden.data_ptr(),
         residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), *_key_value_addresses(kv_cache),
@@ -300,4 +435,5 @@ def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tenso
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(build())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow.errors import ModelLoadError
-from kvflow.model import cpu_kernels
+from kvflow.model import cpu_isa, cpu_kernels
 
 
 def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -50,11 +51,28 @@ class LoRAHook(Protocol):
 # tokens on runs six weight rows against two tokens at a time, level with oneDNN at 64.
 GEMV_MAX_TOKENS = 64
 INT8_GEMV_MAX_TOKENS = 64
+# bfloat16 weights: on a CPU without native bf16 the C kernel (weights widened as read) led
+# torch at every count up to 64 (1.5-2x at one token: half the bytes of float32); above,
+# weights are widened to float32 for oneDNN's float32 GEMM (torch's emulated bf16 GEMM ran
+# 4x slower than float32 on a Zen 3). With native bf16, oneDNN's AVX512-BF16 and AMX
+# kernels take over sooner (see bf16_gemv_max_tokens).
+_BF16_GEMV_MAX_TOKENS = {"amx": 8, "avx512_bf16": 16}
+
+
+def bf16_gemv_max_tokens() -> int:
+    """Up to how many tokens a bfloat16 projection runs kvflow's C kernel on this CPU
+    (KVFLOW_BF16_GEMV_MAX_TOKENS overrides, for tuning on a new CPU)."""
+    forced = os.environ.get("KVFLOW_BF16_GEMV_MAX_TOKENS")
+    if forced:
+        return int(forced)
+    return _BF16_GEMV_MAX_TOKENS.get(cpu_isa.detect().level, GEMV_MAX_TOKENS)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether CpuLinear serves this device and dtype (float32 on a CPU, kernels on)."""
-    return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.enabled()
+    """Whether CpuLinear serves this device and dtype (float32 or bfloat16 on a CPU, kernels
+    on)."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernels.enabled())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,11 +105,13 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
 
 
 class CpuLinear(nn.Module):
-    """A float32 CPU linear layer: kvflow's C kernel for up to GEMV_MAX_TOKENS tokens (decode
+    """A float32 or bfloat16 CPU linear layer: kvflow's C kernel for few tokens (decode
     steps: bound by memory bandwidth at a few tokens, by arithmetic towards 64), oneDNN above.
 
     The weight stays in its plain [N, K] layout, so the model holds one copy of it. MKL's
     F.linear reached 15 GB/s at one token here, the C kernel about 25 (BENCHMARKS.md).
+    bfloat16 weights: the C kernel takes float32 activations and sums in float32 (a
+    float32 copy of the bias is kept for it); the output has the input's dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -99,14 +119,25 @@ class CpuLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bf16 = weight.dtype == torch.bfloat16
+        self.bias_f32 = None if bias is None else bias.float()
+        self.gemv_max = bf16_gemv_max_tokens() if self.bf16 else GEMV_MAX_TOKENS
+        self.native_bf16 = cpu_isa.detect().native_bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [T, K]
-        if x2.shape[0] <= GEMV_MAX_TOKENS and cpu_kernels.load() is not None:
-            out = cpu_kernels.linear_f32(x2, self.weight, self.bias)
-        else:
+        if x2.shape[0] <= self.gemv_max and cpu_kernels.load() is not None:
+            if self.bf16:
+                out = cpu_kernels.linear_bf16(x2, self.weight, self.bias_f32).to(x.dtype)
+            else:
+                out = cpu_kernels.linear_f32(x2, self.weight, self.bias)
+        elif not self.bf16:
             out = onednn_linear(x2, self.weight, self.bias)  # [T, N]
+        elif self.native_bf16:  # oneDNN's AVX512-BF16 / AMX kernels
+            out = onednn_linear(x2.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        else:  # no bf16 arithmetic here: widened to float32, which oneDNN runs 4x faster
+            out = onednn_linear(x2.float(), self.weight.float(), self.bias_f32).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
 
@@ -122,12 +153,14 @@ def replace_linears_(
 
 
 def use_cpu_kernels_(model: nn.Module) -> nn.Module:
-    """Switch a float32 CPU model onto kvflow's C kernels, in place.
+    """Switch a float32 or bfloat16 CPU model onto kvflow's C kernels, in place.
 
     Every nn.Linear becomes a CpuLinear; a tied LM head becomes a CpuLinear over the
-    embedding's own table (no copy); RMSNorm and the gated MLP's SiLU-and-multiply become
-    single fused calls. (Rotary embedding, the cache write and decode attention take the C
-    path from the attention metadata, which the runner builds.)
+    embedding's own table (no copy); in a float32 model RMSNorm and the gated MLP's
+    SiLU-and-multiply become single fused calls (bfloat16 models keep torch's ops there
+    outside decode steps, which run whole layers in C). (Rotary embedding, the cache write
+    and decode attention take the C path from the attention metadata, which the runner
+    builds.)
     """
     replace_linears_(model, CpuLinear)  # (int8 layers of a quantized model stay)
     tied = getattr(model, "lm_head", 0) is None and getattr(model, "tied_head", 0) is None
@@ -135,11 +168,17 @@ def use_cpu_kernels_(model: nn.Module) -> nn.Module:
         embedding = model.get_submodule("model.embed_tokens")
         assert isinstance(embedding, nn.Embedding)
         model.tied_head = CpuLinear(embedding.weight.data, None)
-    fused = cpu_kernels.load() is not None  # else no compiler here: torch ops stay
+    # else no compiler here (torch ops stay), or bfloat16 activations (torch ops)
+    fused = cpu_kernels.load() is not None and model_dtype(model) == torch.float32
     for module in model.modules():
         if isinstance(module, RMSNorm | GatedMLP):
             module.cpu_kernels = fused
     return model
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's (first) weights."""
+    return next(model.parameters()).dtype
 
 
 class RMSNorm(nn.Module):

@@ -17,7 +17,6 @@ from kvflow.errors import ModelLoadError
 from kvflow.model import cpu_kernels
 from kvflow.model.attention import AttentionMetadata, paged_attention
 from kvflow.model.layers import (
-    GEMV_MAX_TOKENS,
     INT8_GEMV_MAX_TOKENS,
     CpuLinear,
     GatedMLP,
@@ -178,7 +177,8 @@ class LlamaModel(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        rotary = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, hd] each
+        # cos, sin: [T, hd] each; the C kernels take them in float32 whatever the model's dtype
+        rotary = self.rotary_emb(positions, torch.float32 if metadata.cpu_kernel else hidden.dtype)
         c_layers = self._c_decode_layers(metadata)
         if c_layers is not None:
             return self._decode_in_c(c_layers, hidden, rotary, kv_caches, metadata)
@@ -190,15 +190,16 @@ class LlamaModel(nn.Module):
 
     def _c_decode_layers(self, metadata: AttentionMetadata) -> list[cpu_kernels.DecodeLayer] | None:
         """Whole-layer C calls serve this step: decodes only, few enough tokens, every layer
-        on the CPU kernels (float32 or int8 projections). Built once, rebuilt if weights move."""
-        if not (metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1
-                and self.norm.cpu_kernels):
+        on the CPU kernels (float32, bfloat16 or int8 projections). Built once, rebuilt if
+        weights move."""
+        if not (metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1):
             return None
         first = self.layers[0]
         assert isinstance(first, LlamaDecoderLayer)
         attn = first.self_attn
-        kind = type(attn.qkv_proj)
-        limit = {CpuLinear: GEMV_MAX_TOKENS, Int8Linear: INT8_GEMV_MAX_TOKENS}.get(kind, 0)
+        qkv = attn.qkv_proj
+        limit = (qkv.gemv_max if isinstance(qkv, CpuLinear)
+                 else INT8_GEMV_MAX_TOKENS if isinstance(qkv, Int8Linear) else 0)
         if metadata.num_tokens > limit:
             return None
         if self._c_layers is None or self._c_layers[0].address != _weight_of(attn.qkv_proj):
@@ -228,7 +229,8 @@ class LlamaModel(nn.Module):
     def _decode_in_c(self, c_layers: list[cpu_kernels.DecodeLayer], hidden: torch.Tensor,
                      rotary: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor],
                      metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden.contiguous()  # [T, hidden], overwritten by each layer's output
+        # [T, hidden] float32 (whatever the weights' dtype), overwritten by each layer's output
+        hidden = hidden.float().contiguous()
         residual = torch.zeros_like(hidden)  # the residual stream, accumulated in place
         cos, sin = rotary
         group = metadata.decodes[0]

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from kvflow.errors import ModelLoadError
+from kvflow.model.cache import cache_dir
 from kvflow.model.loader import convert_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -62,11 +62,6 @@ PACKAGED_MODELS: MappingProxyType[str, PackagedModel] = MappingProxyType(
         )
     }
 )
-
-
-def cache_dir() -> Path:
-    """kvflow's cache root, read from KVFLOW_CACHE_DIR at call time."""
-    return Path(os.environ.get("KVFLOW_CACHE_DIR") or Path.home() / ".cache" / "kvflow")
 
 
 def resolve_model(model: str | None) -> Path:

@@ -63,8 +63,10 @@ class ModelRunner:
                               for _ in range(self.model.num_layers)]
         self.sampler = Sampler()
         self.lora_slots = self._lora_slots(config)
-        # Decode attention in C on the CPU (float32 only), else the pure-torch path.
-        self.cpu_kernel = (self.device.type == "cpu" and self.dtype == torch.float32
+        # Rotary, the cache write and decode attention in C on the CPU (float32 or bfloat16),
+        # else the pure-torch path.
+        self.cpu_kernel = (self.device.type == "cpu"
+                           and self.dtype in (torch.float32, torch.bfloat16)
                            and cpu_kernels.load() is not None)
 
     def _lora_slots(self, config: EngineConfig) -> LoRASlotTable | None:

@@ -64,17 +64,17 @@ def test_build_is_cached_per_source(tmp_path, monkeypatch) -> None:
 
 
 def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path) -> None:
-    cpu_kernels.load.cache_clear()
+    cpu_kernels.reset()
     try:
         monkeypatch.setenv("KVFLOW_CPU_KERNELS", "0")
         assert cpu_kernels.load() is None
-        cpu_kernels.load.cache_clear()
+        cpu_kernels.reset()
         monkeypatch.delenv("KVFLOW_CPU_KERNELS")
         monkeypatch.setenv("KVFLOW_CACHE_DIR", str(tmp_path))
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         assert cpu_kernels.load() is None
     finally:
-        cpu_kernels.load.cache_clear()
+        cpu_kernels.reset()
 
 
 @pytest.mark.parametrize("tokens", [1, 5])

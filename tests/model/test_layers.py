@@ -52,8 +52,9 @@ def test_pack_linears_replaces_every_linear() -> None:
     assert nn.Linear not in kinds and kinds.count(CpuLinear) == 2
 
 
-def test_no_packing_off_cpu_float32() -> None:
-    assert not can_pack(torch.device("cpu"), torch.bfloat16)
+def test_packing_only_on_cpu_float32_or_bfloat16() -> None:
+    assert can_pack(torch.device("cpu"), torch.bfloat16)
+    assert not can_pack(torch.device("cpu"), torch.float16)
     assert not can_pack(torch.device("cuda"), torch.float32)
 
 
