@@ -60,8 +60,9 @@ class LoRASlots:
 
     def add_(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
         """out [T, N] += (x [T, K] · A[s]ᵀ) · B[s]ᵀ for each token's slot s."""
-        if self.use_c:  # one call for every slot (level with torch's matmuls on one big
-            # group of a thousand tokens, 2-4x faster on groups of a few dozen)
+        if self.use_c and out.dtype == x.dtype == torch.float32:  # one call for every slot
+            # (level with torch's matmuls on one big group of a thousand tokens, 2-4x faster
+            # on groups of a few dozen); a bfloat16 model's own ops take the torch path
             cpu_kernels.lora_add(out, x.contiguous(), mapping.token_slots, self.a, self.b,
                                  self.part_sizes)
             return

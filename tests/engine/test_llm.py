@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kvflow import LLM, SamplingParams
+from kvflow.sampling_params import StructuredOutputsParams
 from tests.engine.leaks import assert_core_clean
+from tests.engine.near_ties import assert_matches_up_to_near_ties, hf_bf16_reference
 
 TEXT = (
     "The history of the city begins with a small settlement on the river bank, where traders "
@@ -58,7 +60,7 @@ def kv_generate(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> l
 
 @pytest.fixture(scope="module")
 def default_llm(default_model_path: Path) -> LLM:
-    return LLM(str(default_model_path), kv_cache_memory_gb=0.25)
+    return LLM(str(default_model_path), dtype="float32", kv_cache_memory_gb=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +77,22 @@ def test_default_model_matches_transformers(default_llm: LLM, default_reference)
 @pytest.mark.parametrize("fixture", ["tiny_llama_path", "tiny_qwen2_path"])
 def test_tiny_models_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(fixture)
-    llm = LLM(str(path), kv_cache_memory_gb=0.05)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_gb=0.05)
     prompts = prompt_ids(llm.get_tokenizer())
     assert kv_generate(llm, prompts, greedy()) == hf_greedy(path, prompts, NEW_TOKENS)
 
 
 def test_chunked_prefill_gives_the_same_tokens(default_model_path: Path, default_reference) -> None:
     prompts, expected = default_reference
-    llm = LLM(str(default_model_path), max_num_batched_tokens=32, kv_cache_memory_gb=0.25)
+    llm = LLM(str(default_model_path), dtype="float32", max_num_batched_tokens=32,
+              kv_cache_memory_gb=0.25)
     assert kv_generate(llm, prompts, greedy()) == expected
 
 
 def test_preemption_gives_the_same_tokens(default_model_path: Path, default_reference) -> None:
     prompts, expected = default_reference
     blocks_for_longest = -(-(max(PROMPT_LENS) + NEW_TOKENS) // 16)
-    llm = LLM(str(default_model_path), num_kv_blocks=blocks_for_longest + 2)
+    llm = LLM(str(default_model_path), dtype="float32", num_kv_blocks=blocks_for_longest + 2)
     assert kv_generate(llm, prompts, greedy()) == expected
     assert llm.llm_engine.core.scheduler.num_preemptions > 0
 
@@ -234,3 +237,96 @@ def test_16_bit_dtypes_run(tiny_llama_path: Path, dtype: str) -> None:
     out = llm.generate("Hello there", greedy(5), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5
     assert_core_clean(llm.llm_engine.core)
+
+
+# bfloat16 (issue 16): weights, activations and KV cache in bf16 on the CPU path.
+BF16_PROMPTS = [0, 2, 4, 6]  # 5, 40, 100 and 230 tokens: the C GEMV and the prefill GEMM
+BF16_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(default_model_path: Path, default_llm: LLM) -> tuple[list, list]:
+    prompts = [prompt_ids(default_llm.get_tokenizer())[i] for i in BF16_PROMPTS]
+    return prompts, hf_bf16_reference(default_model_path, prompts, BF16_TOKENS)
+
+
+@pytest.mark.parametrize("engine_args", [
+    {},
+    {"max_num_batched_tokens": 32},  # chunked prefill
+    {"num_kv_blocks": 26, "max_num_seqs": 4, "enable_prefix_caching": False},  # preemption
+], ids=["plain", "chunked", "preempted"])
+def test_bf16_default_model_matches_transformers_bf16(default_model_path: Path,
+                                                      bf16_reference, engine_args) -> None:
+    prompts, reference = bf16_reference
+    llm = LLM(str(default_model_path), dtype="bfloat16", **engine_args)
+    assert llm.llm_engine.core.runner.kv_caches[0].dtype == torch.bfloat16
+    assert_matches_up_to_near_ties(kv_generate(llm, prompts, greedy(BF16_TOKENS)), reference)
+    if "num_kv_blocks" in engine_args:
+        assert llm.llm_engine.core.scheduler.num_preemptions > 0
+    again = kv_generate(llm, prompts, greedy(BF16_TOKENS))  # prefix-cache hits where on
+    assert_matches_up_to_near_ties(again, reference)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_path", "tiny_qwen2_path"])
+def test_bf16_tiny_models_match_transformers_bf16(fixture: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(fixture)
+    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory_gb=0.05)
+    prompts = prompt_ids(llm.get_tokenizer())[:6]
+    assert_matches_up_to_near_ties(kv_generate(llm, prompts, greedy(24)),
+                                   hf_bf16_reference(path, prompts, 24))
+
+
+def test_bf16_logprobs_are_close_to_float32(default_model_path: Path, default_llm: LLM) -> None:
+    """The log-probabilities of the same tokens (a prompt scored whole) differ from float32
+    by bf16 rounding only."""
+    prompt = {"prompt_token_ids": prompt_ids(default_llm.get_tokenizer())[6]}
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    bf16 = LLM(str(default_model_path), dtype="bfloat16", kv_cache_memory_gb=0.25)
+
+    def scored(llm: LLM) -> torch.Tensor:
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        assert out.prompt_logprobs is not None
+        return torch.tensor([next(iter(entry.values())).logprob
+                             for entry in out.prompt_logprobs[1:]])
+
+    ours, full = scored(bf16), scored(default_llm)
+    difference = (ours - full).abs()
+    assert difference.mean() < 0.05 and difference.max() < 0.5, difference
+    assert_core_clean(bf16.llm_engine.core)
+
+
+def test_bf16_sampling_and_structured_output(default_model_path: Path) -> None:
+    import json
+
+    llm = LLM(str(default_model_path), dtype="bfloat16", kv_cache_memory_gb=0.25)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}},
+              "required": ["name"], "additionalProperties": False}
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    out = llm.chat([{"role": "user", "content": "Give me a JSON object with a name."}], params,
+                   use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and isinstance(json.loads(out.text)["name"], str)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=16)
+    first = llm.generate("Once upon a time", seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate("Once upon a time", seeded, use_tqdm=False)[0].outputs[0].token_ids \
+        == first
+    assert_core_clean(llm.llm_engine.core)
+
+
+def test_forced_older_kernels_give_the_same_tokens(tiny_llama_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVFLOW_CPU_ISA=generic runs the plain-C build on any CPU: same greedy tokens as
+    transformers in float32."""
+    from kvflow.model import cpu_kernels
+
+    monkeypatch.setenv("KVFLOW_CPU_ISA", "generic")
+    cpu_kernels.reset()
+    try:
+        llm = LLM(str(tiny_llama_path), dtype="float32", kv_cache_memory_gb=0.05)
+        lib = cpu_kernels.load()
+        assert lib is None or "kvflow_cpu-generic-" in lib._name
+        prompts = prompt_ids(llm.get_tokenizer())[:4]
+        assert kv_generate(llm, prompts, greedy(16)) == hf_greedy(tiny_llama_path, prompts, 16)
+    finally:
+        cpu_kernels.reset()

@@ -11,6 +11,7 @@ import pytest
 
 from kvflow import LLM, LoRARequest, SamplingParams
 from tests.engine.leaks import assert_core_clean
+from tests.engine.near_ties import assert_matches_up_to_near_ties, hf_bf16_reference
 from tests.lora.adapters import hf_greedy, make_adapter
 
 MAX_TOKENS = 8
@@ -43,8 +44,8 @@ def test_mixed_batch_matches_peft(arch: str, request: pytest.FixtureRequest) -> 
     adapters = requests_for(request.getfixturevalue(f"{arch}_adapters"))
     loras: list[LoRARequest | None] = [*adapters, None, *adapters, None]
     ids = prompts(len(loras), seed=1)
-    llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=256,
-              max_model_len=256)
+    llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+              num_kv_blocks=256, max_model_len=256)
     got = run(llm, ids, loras)
     want = expected(base, ids, loras)
     assert got == want
@@ -62,8 +63,8 @@ def test_chunked_prefill_and_preemption(tiny_llama_path: Path,
     loras: list[LoRARequest | None] = [adapters[i % len(adapters)] if i % 3 else None
                                        for i in range(9)]
     ids = prompts(len(loras), seed=2, low=20, high=45)
-    llm = LLM(str(tiny_llama_path), enable_lora=True, max_loras=3, num_kv_blocks=14,
-              block_size=8, max_num_batched_tokens=24, max_model_len=128,
+    llm = LLM(str(tiny_llama_path), dtype="float32", enable_lora=True, max_loras=3,
+              num_kv_blocks=14, block_size=8, max_num_batched_tokens=24, max_model_len=128,
               enable_prefix_caching=False)
     got = run(llm, ids, loras)
     core = llm.llm_engine.core
@@ -74,8 +75,8 @@ def test_chunked_prefill_and_preemption(tiny_llama_path: Path,
 
 def test_prefix_cache_is_per_adapter_content(tiny_llama_path: Path, tmp_path: Path,
                                              llama_adapters: dict[str, Path]) -> None:
-    llm = LLM(str(tiny_llama_path), enable_lora=True, max_loras=2, num_kv_blocks=128,
-              max_model_len=256)
+    llm = LLM(str(tiny_llama_path), dtype="float32", enable_lora=True, max_loras=2,
+              num_kv_blocks=128, max_model_len=256)
     first, second = requests_for(llama_adapters)[:2]
     prompt = prompts(1, seed=3, low=48, high=48)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -103,3 +104,23 @@ def test_prefix_cache_is_per_adapter_content(tiny_llama_path: Path, tmp_path: Pa
     assert cached == 0
     assert after == hf_greedy(tiny_llama_path, folder, prompt[0], MAX_TOKENS) != before
     assert_core_clean(llm.llm_engine.core)
+
+
+def test_bf16_model_with_adapters_matches_peft_bf16(tiny_llama_path: Path,
+                                                    llama_adapters: dict[str, Path]) -> None:
+    """A bfloat16 model keeps float32 adapter slots on the CPU; decodes run the C layers
+    with LoRA; tokens match transformers + peft in bf16 up to its near-ties."""
+    adapters = requests_for(llama_adapters)
+    loras: list[LoRARequest | None] = [*adapters, None]
+    ids = prompts(len(loras), seed=4)
+    llm = LLM(str(tiny_llama_path), dtype="bfloat16", enable_lora=True, max_loras=2,
+              max_lora_rank=16, num_kv_blocks=256, max_model_len=256)
+    got = run(llm, ids, loras)
+    reference = [hf_bf16_reference(tiny_llama_path, [p], MAX_TOKENS,
+                                   None if r is None else Path(r.lora_path), ignore_eos=True)[0]
+                 for p, r in zip(ids, loras, strict=True)]
+    assert_matches_up_to_near_ties(got, reference)
+    core = llm.llm_engine.core
+    c_layers = core.runner.model.model._c_layers
+    assert c_layers is not None and c_layers[0].lora is not None
+    assert_core_clean(core)
