@@ -1,14 +1,30 @@
-"""The C kernels against torch references (attention, linear, norm, SiLU, rotary), their build
-and fallback."""
+"""The C kernels against torch references (attention, linear, norm, SiLU, rotary), in every
+ISA build this CPU runs (the others skip, naming the ISA they need), their build and fallback."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from kvflow.model import cpu_kernels
+from kvflow.model import cpu_isa, cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler here")
+
+
+@pytest.fixture(autouse=True, params=["generic", "avx2", "avx512", "avx512_bf16"])
+def isa_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test runs once per kernel build, forced through KVFLOW_CPU_ISA."""
+    reason = cpu_isa.skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("KVFLOW_CPU_ISA", request.param)
+    cpu_kernels.reset()
+    lib = cpu_kernels.load()
+    assert lib is not None and f"kvflow_cpu-{request.param}-" in lib._name
+    yield request.param
+    cpu_kernels.reset()
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -24,13 +40,16 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     (4, 4, 4, 64), (9, 3, 16, 64), (8, 1, 5, 64), (4, 2, 16, 128), (2, 1, 16, 96),
     (4, 2, 16, 12),
 ])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(heads: int, kv_heads: int, block_size: int,
-                                  head_dim: int) -> None:
+                                  head_dim: int, dtype: torch.dtype) -> None:
+    """bfloat16: the cache holds bf16 (half the bytes read), compared with the float32
+    reference over the same rounded values."""
     generator = torch.Generator().manual_seed(heads * 100 + block_size)
     num_blocks = 200
     seq_lens = [1, block_size, block_size + 1, 37, 300, 2]
     # NaN everywhere nobody wrote: a read past a request's length poisons its output.
-    cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
     order = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(-(-n // block_size) for n in seq_lens)
     tables = torch.zeros(len(seq_lens), width, dtype=torch.int64)
@@ -39,11 +58,11 @@ def test_kernel_matches_reference(heads: int, kv_heads: int, block_size: int,
         count = -(-seq_len // block_size)
         tables[row, :count] = torch.tensor(order[used:used + count])
         used += count
-        k = torch.randn(seq_len, kv_heads, head_dim, generator=generator)
-        v = torch.randn(seq_len, kv_heads, head_dim, generator=generator)
+        k = torch.randn(seq_len, kv_heads, head_dim, generator=generator).to(dtype).float()
+        v = torch.randn(seq_len, kv_heads, head_dim, generator=generator).to(dtype).float()
         for pos in range(seq_len):
             block, offset = int(tables[row, pos // block_size]), pos % block_size
-            cache[0, block, offset], cache[1, block, offset] = k[pos], v[pos]
+            cache[0, block, offset], cache[1, block, offset] = k[pos].to(dtype), v[pos].to(dtype)
         contexts.append((k, v))
     query = torch.randn(len(seq_lens), heads, head_dim, generator=generator)
 
@@ -125,6 +144,51 @@ def test_rotary_cache_write_matches_torch() -> None:
     untouched = torch.ones(flat.shape[1], dtype=torch.bool)
     untouched[slots] = False
     assert flat[:, untouched].isnan().all()
+
+
+@pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.bfloat16])
+def test_rotary_cache_write_bf16(qkv_dtype: torch.dtype) -> None:
+    """Into a bfloat16 cache, from bf16 rows (rotated in place, in float32, rounded once) or
+    from float32 rows (the decode layer's case: rounded when stored)."""
+    from kvflow.model.layers import RotaryEmbedding, apply_rotary
+
+    torch.manual_seed(1)
+    heads, kv_heads, head_dim, tokens = 6, 2, 16, 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(qkv_dtype)
+    positions = torch.tensor([0, 1, 7, 30, 31])
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, None)(positions, torch.float32)
+    source = qkv.float()
+    q, k, v = source.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q_ref, k_ref = apply_rotary(q.reshape(tokens, heads, head_dim),
+                                k.reshape(tokens, kv_heads, head_dim), cos, sin)
+    v_ref = v.reshape(tokens, kv_heads, head_dim)
+    cache = torch.full((2, 8, 4, kv_heads, head_dim), float("nan"), dtype=torch.bfloat16)
+    slots = torch.tensor([3, 9, 0, 31, 17])
+    cpu_kernels.rotary_cache_write(qkv, cos, sin, cache, slots, heads)
+    rotated = qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim)
+    torch.testing.assert_close(rotated, q_ref.to(qkv_dtype), atol=0, rtol=0.01)
+    flat = cache.view(2, -1, kv_heads, head_dim)
+    torch.testing.assert_close(flat[0, slots], k_ref.bfloat16(), atol=0, rtol=0.01)
+    torch.testing.assert_close(flat[1, slots], v_ref.bfloat16(), atol=0, rtol=0)
+    untouched = torch.ones(flat.shape[1], dtype=torch.bool)
+    untouched[slots] = False
+    assert flat[:, untouched].isnan().all()
+
+
+# 8 and more tokens widen six rows at a time into a buffer for the float32 tiles.
+@pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 13, 64])
+def test_bf16_linear_matches_torch(tokens: int) -> None:
+    torch.manual_seed(tokens)
+    for rows, width in ((36, 70), (37, 64), (41, 64), (13, 576)):
+        x = torch.randn(tokens, width)
+        weight, bias = torch.randn(rows, width).bfloat16(), torch.randn(rows)
+        expected = torch.nn.functional.linear(x, weight.float(), bias)
+        torch.testing.assert_close(cpu_kernels.linear_bf16(x, weight, bias), expected,
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cpu_kernels.linear_bf16(x.bfloat16(), weight, None),
+                                   torch.nn.functional.linear(x.bfloat16().float(),
+                                                              weight.float()),
+                                   atol=1e-4, rtol=1e-4)
 
 
 # 8 and more tokens take the six-row tiles (36 rows: six; 70 = 8 * 8 + 6: a tail in K);

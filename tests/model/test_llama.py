@@ -81,22 +81,26 @@ def _run_schedule(model: LlamaForCausalLM, sequences: list[Sequence], block_size
             s.done += chunk.shape[0]
 
 
-@pytest.mark.parametrize(("cpu_kernel", "quantization"),
-                         [(False, None), (True, None), (True, "int8")])
+@pytest.mark.parametrize(("cpu_kernel", "quantization", "dtype"), [
+    (False, None, torch.float32), (True, None, torch.float32), (True, "int8", torch.float32),
+    (False, None, torch.bfloat16), (True, None, torch.bfloat16),
+])
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_chunked_prefill_and_decodes_match_full_forward(
-    fixture: str, cpu_kernel: bool, quantization: str | None, request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
+    fixture: str, cpu_kernel: bool, quantization: str | None, dtype: torch.dtype,
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Against one torch-path prefill; with cpu_kernel, rotary, the cache write and decode
-    attention run in C (mixed steps), and decode-only steps run each layer as one C call."""
+    attention run in C (mixed steps), and decode-only steps run each layer as one C call.
+    bfloat16: weights and KV cache in bf16; the C decode layers keep float32 activations
+    where torch's ops round each one to bf16, so the two agree to bf16 precision."""
     if cpu_kernel and cpu_kernels.load() is None:
         pytest.skip("no C compiler here")
     layer_calls: list[int] = []
     real = cpu_kernels.decode_layer
     monkeypatch.setattr(cpu_kernels, "decode_layer",
                         lambda *a: layer_calls.append(a[1].shape[0]) or real(*a))
-    model = load_model(request.getfixturevalue(fixture), torch.float32, CPU, quantization)
+    model = load_model(request.getfixturevalue(fixture), dtype, CPU, quantization)
     rng = random.Random(0)
     block_size = 4
     sequences = [
@@ -114,9 +118,10 @@ def test_chunked_prefill_and_decodes_match_full_forward(
         s.block_table, blocks = blocks[:needed], blocks[needed:]
 
     _run_schedule(model, sequences, block_size, cpu_kernel)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for s in sequences:
         expected = run_full_prompt(model, s.tokens, block_size=block_size)
-        torch.testing.assert_close(torch.cat(s.logits), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.cat(s.logits), expected, atol=tolerance, rtol=tolerance)
     steps = [[x.schedule[i] for x in sequences if i < len(x.schedule) and x.schedule[i]]
              for i in range(max(len(x.schedule) for x in sequences))]
     decode_only = [len(step) for step in steps if set(step) == {1}]
