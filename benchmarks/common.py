@@ -30,6 +30,13 @@ def make_workload(tokenizer: Any, num: int, seed: int, prompt_range: tuple[int, 
     return work
 
 
+def cpu_isa_line() -> str:
+    """The CPU model, kvflow's kernel level in use and the ISA flags, in one line."""
+    from kvflow.model import cpu_isa
+
+    return cpu_isa.detect().describe()
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -44,7 +51,7 @@ def machine() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     return {"machine": f"{cpu}, {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d"), "commit": commit}
+            "cpu_isa": cpu_isa_line(), "date": time.strftime("%Y-%m-%d"), "commit": commit}
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:

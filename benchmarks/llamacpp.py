@@ -1,7 +1,8 @@
 """llama.cpp baselines through llama-cpp-python (the optional `bench` extra).
 
-`write_gguf` re-encodes a GGUF file with every tensor dequantized, then stored as F32 or
-quantized to Q8_0: the same weights kvflow loads from that file, at the same precision.
+`write_gguf` re-encodes a GGUF file with every tensor dequantized, then stored as F32, BF16
+(rounded to nearest even) or Q8_0: the same weights kvflow loads from that file, at the same
+precision.
 `LlamaCpp` drives llama.cpp's own batch API: one stream, or many sequences batched per
 `llama_decode` call the way its server's continuous batching does (new prompts join the
 running decodes), greedy on every row.
@@ -17,7 +18,7 @@ import numpy as np
 
 Work = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
-_FILE_TYPES = {"F32": 0, "Q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_Q8_0
+_FILE_TYPES = {"F32": 0, "Q8_0": 7, "BF16": 32}  # llama_ftype: ALL_F32, MOSTLY_Q8_0, MOSTLY_BF16
 
 
 def available() -> bool:
@@ -46,7 +47,7 @@ def default_model_as(qtype: str) -> Path:
 
 
 def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
-    """Copy src's metadata and tensors into dst, each 2-D tensor as qtype (F32 or Q8_0).
+    """Copy src's metadata and tensors into dst, each 2-D tensor as qtype (F32, BF16, Q8_0).
 
     1-D tensors (norms, biases) stay F32, as llama.cpp's own converter keeps them.
     Skipped when dst exists and is newer than src.

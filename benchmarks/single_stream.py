@@ -2,12 +2,15 @@
 
 One request at a time, greedy, EOS ignored, prefix caching off (every run recomputes its
 prompt). Engines, all in this invocation on the same prompts:
-- kvflow `LLM` in float32 and with quantization="int8";
+- kvflow `LLM` in float32, in bfloat16 (weights and KV cache; both dtypes named, not
+  "auto") and with quantization="int8" (float32 activations);
 - transformers `generate`, float32;
-- llama.cpp (llama-cpp-python, `bench` extra) on the default model's GGUF re-encoded as F32
-  and as Q8_0 (skipped when llama_cpp is not installed or the model is not the default).
-Also: the bare forward pass of kvflow's model over the 512-token prompt (no engine around
-it), the int8 model's perplexity on a fixed text against float32, and the roofline.
+- llama.cpp (llama-cpp-python, `bench` extra) on the default model's GGUF re-encoded as F32,
+  BF16 and Q8_0 (skipped when llama_cpp is not installed or the model is not the default).
+Also: the bare forward pass of kvflow's float32 model over the 512-token prompt (no engine
+around it), the int8 model's perplexity on a fixed text against float32, and the roofline
+(float32 and bf16). Ratios: bf16 decode over float32 decode, float32 TTFT 512 over bf16
+TTFT 512 (how many times lower), each kvflow decode over llama.cpp's at the same precision.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import TEXT_SEED, write_result
+from common import TEXT_SEED, cpu_isa_line, write_result
 
 PROMPT_LENGTHS = (32, 512)
 # Natural text for the perplexity check (a repeated text would be predicted almost exactly).
@@ -48,11 +51,11 @@ def prompts_from(tokenizer: Any, lengths: tuple[int, ...]) -> dict[int, list[int
 class KvflowEngine:
     """kvflow's LLM, one request at a time (prefix caching off: every prompt recomputed)."""
 
-    def __init__(self, path: Path, quantization: str | None = None) -> None:
+    def __init__(self, path: Path, dtype: str, quantization: str | None = None) -> None:
         from kvflow import LLM
 
         self.llm = LLM(str(path), enable_prefix_caching=False, quantization=quantization,
-                       disable_log_stats=True, kv_cache_memory_gb=1.0)
+                       dtype=dtype, disable_log_stats=True, kv_cache_memory_gb=1.0)
 
     def _timed(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
         from kvflow import SamplingParams
@@ -163,6 +166,39 @@ def perplexity(path: Path, text_ids: list[int], quantization: str | None,
     return math.exp((sum(losses) / (len(text_ids) - 1)).item())
 
 
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two runs share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(b))
+
+
+def ratios_of(engines: dict[str, dict[str, Any]], bare: float, ppl: dict[str, float],
+              limits: dict[str, Any]) -> dict[str, float]:
+    """kvflow against itself across precisions, its bounds, and the other engines."""
+    ours, bf16, int8 = engines["kvflow"], engines["kvflow_bf16"], engines["kvflow_int8"]
+    ratios: dict[str, float] = {
+        "ttft_512_vs_bare_forward": round(ours["ttft_512_ms"] / bare, 2),
+        "int8_decode_vs_fp32": round(int8["decode_tok_s"] / ours["decode_tok_s"], 2),
+        "int8_ppl_change_pct": round(100 * (ppl["int8"] / ppl["float32"] - 1), 2),
+        "decode_vs_bandwidth_bound": round(
+            ours["decode_tok_s"] / limits["bandwidth_bound_tok_s_fp32"], 2),
+        "bf16_decode_vs_fp32": round(bf16["decode_tok_s"] / ours["decode_tok_s"], 2),
+        "fp32_ttft_512_vs_bf16": round(ours["ttft_512_ms"] / bf16["ttft_512_ms"], 2),
+        "bf16_decode_vs_bandwidth_bound": round(
+            bf16["decode_tok_s"] / limits["bandwidth_bound_tok_s_bf16"], 2),
+        "greedy_prefix_bf16_equal_to_fp32": _same_prefix(bf16["tokens"], ours["tokens"]),
+    }
+    for name, base in (("hf", ours), ("llamacpp_f32", ours), ("llamacpp_bf16", bf16),
+                       ("llamacpp_q8_0", int8)):
+        if name in engines:
+            theirs = engines[name]["decode_tok_s"]
+            ratios[f"decode_vs_{name}"] = round(base["decode_tok_s"] / theirs, 2)
+    for name, base in (("llamacpp_f32", ours), ("llamacpp_bf16", bf16)):
+        if name in engines:
+            ratios[f"greedy_prefix_equal_to_{name}"] = _same_prefix(base["tokens"],
+                                                                     engines[name]["tokens"])
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
@@ -183,12 +219,13 @@ def main() -> None:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = prompts_from(tokenizer, PROMPT_LENGTHS)
-    runners: dict[str, Any] = {"kvflow": KvflowEngine(path),
-                               "kvflow_int8": KvflowEngine(path, "int8")}
+    runners: dict[str, Any] = {"kvflow": KvflowEngine(path, "float32"),
+                               "kvflow_bf16": KvflowEngine(path, "bfloat16"),
+                               "kvflow_int8": KvflowEngine(path, "float32", "int8")}
     if not args.skip_hf:
         runners["hf"] = HfEngine(path)
     if not args.skip_llamacpp and llamacpp.available() and args.model is None:
-        for qtype in ("F32", "Q8_0"):
+        for qtype in ("F32", "BF16", "Q8_0"):
             runners[f"llamacpp_{qtype.lower()}"] = llamacpp.LlamaCpp(
                 llamacpp.default_model_as(qtype), seq_len=max(PROMPT_LENGTHS) + args.tokens + 8)
     engines = measure(runners, prompts, args.tokens, args.repeats)
@@ -198,23 +235,7 @@ def main() -> None:
     ppl = {q or "float32": round(perplexity(path, text, q), 4) for q in (None, "int8")}
     limits = roofline.measure(path)
 
-    ours, int8 = engines["kvflow"], engines["kvflow_int8"]
-    ratios: dict[str, float] = {
-        "ttft_512_vs_bare_forward": round(ours["ttft_512_ms"] / bare, 2),
-        "int8_decode_vs_fp32": round(int8["decode_tok_s"] / ours["decode_tok_s"], 2),
-        "int8_ppl_change_pct": round(100 * (ppl["int8"] / ppl["float32"] - 1), 2),
-        "decode_vs_bandwidth_bound": round(
-            ours["decode_tok_s"] / limits["bandwidth_bound_tok_s_fp32"], 2),
-    }
-    for name, base in (("hf", ours), ("llamacpp_f32", ours), ("llamacpp_q8_0", int8)):
-        if name in engines:
-            theirs = engines[name]["decode_tok_s"]
-            ratios[f"decode_vs_{name}"] = round(base["decode_tok_s"] / theirs, 2)
-    if "llamacpp_f32" in engines:
-        theirs_ids = engines["llamacpp_f32"]["tokens"]
-        same = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs_ids, strict=True))
-                     if a != b), len(theirs_ids))
-        ratios["greedy_prefix_equal_to_llamacpp_f32"] = same
+    ratios = ratios_of(engines, bare, ppl, limits)
     for e in engines.values():
         e.pop("tokens", None)
     result = {"benchmark": "single_stream", "model": path.name, "decode_tokens": args.tokens,
@@ -224,7 +245,7 @@ def main() -> None:
     parts = [f"{name} {e['decode_tok_s']} tok/s ttft32 {e['ttft_32_ms']} ms ttft512 "
              f"{e['ttft_512_ms']} ms" for name, e in engines.items()]
     print(f"single_stream: {'; '.join(parts)}; bare forward 512 {bare} ms; ratios {ratios}; "
-          f"roofline {roofline.describe(limits)} ({path.name})")
+          f"roofline {roofline.describe(limits)} ({path.name}; {cpu_isa_line()})")
 
 
 if __name__ == "__main__":
