@@ -1,5 +1,5 @@
 """The llama.cpp baseline's GGUF re-encoder (benchmarks/llamacpp.py): same weights, same
-metadata, F32 exactly and Q8_0 within its rounding."""
+metadata, F32 exactly, BF16 rounded to nearest even, and Q8_0 within its rounding."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -23,7 +24,7 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
             for t in reader.tensors}
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0"])
 def test_reencoded_gguf_keeps_weights_and_metadata(qtype: str, tmp_path: Path) -> None:
     from conftest import save_tiny
 
@@ -41,6 +42,10 @@ def test_reencoded_gguf_keeps_weights_and_metadata(qtype: str, tmp_path: Path) -
         if qtype == "F32" or not two_d:
             assert kinds[name] == gguf.GGMLQuantizationType.F32
             np.testing.assert_array_equal(after[name], values)
+        elif qtype == "BF16":
+            assert kinds[name] == gguf.GGMLQuantizationType.BF16
+            rounded = torch.from_numpy(values.copy()).to(torch.bfloat16).float().numpy()
+            np.testing.assert_array_equal(after[name], rounded)
         else:
             assert kinds[name] == gguf.GGMLQuantizationType.Q8_0
             # Q8_0: blocks of 32 share a scale of max|x| / 127, stored in float16; rounding is
@@ -51,4 +56,4 @@ def test_reencoded_gguf_keeps_weights_and_metadata(qtype: str, tmp_path: Path) -
     old, new = gguf.GGUFReader(src).fields, reader.fields
     for key in ("tokenizer.ggml.tokens", "llama.block_count", "tokenizer.chat_template"):
         assert new[key].contents() == old[key].contents()
-    assert new["general.file_type"].contents() == {"F32": 0, "Q8_0": 7}[qtype]
+    assert new["general.file_type"].contents() == {"F32": 0, "BF16": 32, "Q8_0": 7}[qtype]

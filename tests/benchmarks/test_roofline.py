@@ -36,3 +36,6 @@ def test_workload_flops_count_prompts_and_outputs() -> None:
     limits = {"matmul_gflops": {"a": 1.0, "b": 2.0}}
     assert workload_bound_output_tok_s(limits, config, work) == pytest.approx(
         3 * 2e9 / workload_flops(config, work))
+    bf16 = {"compute_gflops_bf16": 4.0}
+    assert workload_bound_output_tok_s(bf16, config, work, "bfloat16") == pytest.approx(
+        3 * 4e9 / workload_flops(config, work))
