@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class CpuIsa:
     """The CPU's relevant flags and the kernel level chosen for it."""
 
     model: str
-    flags: frozenset[str]
+    flags: frozenset[str] = field(repr=False)
     native: str  # the highest level this CPU runs
     level: str  # the level in use (native, or lower when KVFLOW_CPU_ISA forces it)
 
