@@ -78,26 +78,30 @@ INLINE void copy_row(void *dst, const void *src, int64_t n, int src_bf16, int ds
         store_at(dst, i, load_at(src, i, src_bf16), dst_bf16);
 }
 
-INLINE void rotary_cache_write(void *qkv, int64_t row_stride, const float *cos,
-                               const float *sin, void *key_cache, void *value_cache,
-                               const int64_t *slots, int64_t T, int64_t H, int64_t KvH,
-                               int64_t hd, int num_threads, const int qkv_bf16,
-                               const int cache_bf16)
+/* Token t's rotation and cache write; inlined into each parallel loop below with the
+ * element types as literals (flags passed into an OpenMP region are variables there). */
+INLINE void rotate_and_store(int64_t t, void *qkv, int64_t row_stride, const float *cos,
+                             const float *sin, void *key_cache, void *value_cache,
+                             const int64_t *slots, int64_t H, int64_t KvH, int64_t hd,
+                             const int qkv_bf16, const int cache_bf16)
 {
     const int64_t half = hd / 2, kv = KvH * hd;
     const int64_t qe = qkv_bf16 ? 2 : 4, ce = cache_bf16 ? 2 : 4; /* element sizes */
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 1)
-    for (int64_t t = 0; t < T; ++t) {
-        char *q = (char *)qkv + t * row_stride * qe, *k = q + H * hd * qe, *v = k + kv * qe;
-        const float *c = cos + t * hd, *s = sin + t * hd;
-        for (int64_t h = 0; h < H; ++h)
-            rotate(q + h * hd * qe, c, s, half, qkv_bf16);
-        for (int64_t h = 0; h < KvH; ++h)
-            rotate(k + h * hd * qe, c, s, half, qkv_bf16);
-        copy_row((char *)key_cache + slots[t] * kv * ce, k, kv, qkv_bf16, cache_bf16);
-        copy_row((char *)value_cache + slots[t] * kv * ce, v, kv, qkv_bf16, cache_bf16);
-    }
+    char *q = (char *)qkv + t * row_stride * qe, *k = q + H * hd * qe, *v = k + kv * qe;
+    const float *c = cos + t * hd, *s = sin + t * hd;
+    for (int64_t h = 0; h < H; ++h)
+        rotate(q + h * hd * qe, c, s, half, qkv_bf16);
+    for (int64_t h = 0; h < KvH; ++h)
+        rotate(k + h * hd * qe, c, s, half, qkv_bf16);
+    copy_row((char *)key_cache + slots[t] * kv * ce, k, kv, qkv_bf16, cache_bf16);
+    copy_row((char *)value_cache + slots[t] * kv * ce, v, kv, qkv_bf16, cache_bf16);
 }
+
+#define ROTARY_LOOP(QKV_BF16, CACHE_BF16)                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (T > 1)")       \
+    for (int64_t t = 0; t < T; ++t)                                                         \
+        rotate_and_store(t, qkv, row_stride, cos, sin, key_cache, value_cache, slots, H,     \
+                         KvH, hd, QKV_BF16, CACHE_BF16)
 
 /* Rotate the q and k heads of each token's fused qkv row [q (H*hd) | k (KvH*hd) | v] in
  * place by its cos/sin row [hd] (float32), then store k and v in the cache slot
@@ -110,14 +114,11 @@ void kvflow_rotary_cache_write(void *qkv, int64_t row_stride, const float *cos,
                                int64_t hd, int qkv_bf16, int cache_bf16, int num_threads)
 {
     if (!qkv_bf16 && !cache_bf16)
-        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
-                           KvH, hd, num_threads, 0, 0);
+        ROTARY_LOOP(0, 0);
     else if (!qkv_bf16)
-        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
-                           KvH, hd, num_threads, 0, 1);
+        ROTARY_LOOP(0, 1);
     else
-        rotary_cache_write(qkv, row_stride, cos, sin, key_cache, value_cache, slots, T, H,
-                           KvH, hd, num_threads, 1, 1);
+        ROTARY_LOOP(1, 1);
 }
 
 
