@@ -112,8 +112,15 @@ static void dot6x2(const float *w, int64_t K, const float *x, int64_t stride, fl
                 sums[r * 2 + j] += w[r * K + kk] * x[j * stride + kk];
 }
 
-/* Six rows w6 (float, K apart) against every token, into columns n..n+5 of out. */
-static void rows6_times_tokens(const float *w6, const float *x, const float *bias, float *out,
+/* dot1_kind for float32 rows, as a call (the odd token of a tile loop). */
+static float dot1_f32(const float *w, const float *x, int64_t K)
+{
+    return dot1_kind(w, x, K, W_F32);
+}
+
+/* Six rows w6 (float, K apart) against every token, into columns n..n+5 of out (inlined
+ * into each caller's parallel loop, the float32 and the bfloat16 one). */
+INLINE void rows6_times_tokens(const float *w6, const float *x, const float *bias, float *out,
                                int64_t T, int64_t N, int64_t K, int64_t n)
 {
     float sums[12];
@@ -126,8 +133,7 @@ static void rows6_times_tokens(const float *w6, const float *x, const float *bia
     }
     for (; t < T; ++t)
         for (int r = 0; r < 6; ++r)
-            out[t * N + n + r] = dot1_kind(w6 + r * K, x + t * K, K, W_F32)
-                                 + (bias ? bias[n + r] : 0.f);
+            out[t * N + n + r] = dot1_f32(w6 + r * K, x + t * K, K) + (bias ? bias[n + r] : 0.f);
 }
 
 #else /* portable */

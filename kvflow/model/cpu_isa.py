@@ -6,7 +6,7 @@ install serves a laptop, a Zen 2 and a current Xeon. kvflow compiles `kvflow/csr
 per ISA level (kvflow.model.cpu_kernels) and loads the highest level this CPU can run:
 
     generic      plain C the compiler vectorizes (any CPU)
-    avx2         AVX2 + FMA (x86-64-v3): 8-lane float kernels
+    avx2         AVX2 + FMA, F16C, BMI, LZCNT, MOVBE (x86-64-v3): 8-lane float kernels
     avx512       + AVX-512 F/BW/DQ/VL (x86-64-v4): 16-lane kernels
     avx512_bf16  + AVX512-BF16 and AVX512-VNNI (Cooper Lake, Sapphire Rapids, Zen 4)
     amx          + AMX-BF16/INT8 tiles (Sapphire Rapids on): the avx512_bf16 kernels in
@@ -34,14 +34,15 @@ LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 # /proc/cpuinfo flags each level needs on top of the one below it.
 _NEEDS: dict[str, tuple[str, ...]] = {
     "generic": (),
-    "avx2": ("avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"),  # x86-64-v3
     "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
     "avx512_bf16": ("avx512_bf16", "avx512_vnni"),
     "amx": ("amx_tile", "amx_bf16", "amx_int8"),
 }
 
 # What each flag is called in a skip reason or an error.
-FLAG_NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512F",
+FLAG_NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi1": "BMI1", "bmi2": "BMI2",
+              "abm": "LZCNT", "movbe": "MOVBE", "avx512f": "AVX512F",
               "avx512bw": "AVX512BW", "avx512dq": "AVX512DQ", "avx512vl": "AVX512VL",
               "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
               "amx_tile": "AMX-TILE", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8",

@@ -11,7 +11,7 @@ import torch
 from kvflow.config import EngineArgs
 from kvflow.model import cpu_isa, cpu_kernels
 
-ZEN2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+ZEN2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"})
 SKYLAKE_X = ZEN2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
 ZEN4 = SKYLAKE_X | {"avx512_bf16", "avx512_vnni", "avx512_fp16"}
 SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_bf16", "amx_int8"}
