@@ -242,8 +242,8 @@ def paged_attention(
     key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, KvH, hd]
     value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, KvH, hd]
     if not cache_written:
-        key_cache.index_copy_(0, metadata.slot_mapping, key)
-        value_cache.index_copy_(0, metadata.slot_mapping, value)
+        key_cache.index_copy_(0, metadata.slot_mapping, key.to(key_cache.dtype))
+        value_cache.index_copy_(0, metadata.slot_mapping, value.to(value_cache.dtype))
 
     if metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1:
         # Decodes only, one group in token order: no gather, no scatter.
@@ -283,8 +283,9 @@ def _prefill_attention(
         v = value[span.start : span.end].transpose(0, 1)[None]  # [1, KvH, Q, hd]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        k = key_cache[span.context_slots].transpose(0, 1)[None]  # [1, KvH, S, hd]
-        v = value_cache[span.context_slots].transpose(0, 1)[None]  # [1, KvH, S, hd]
+        # (a bfloat16 cache read by float32 activations: see LlamaModel.activation_dtype)
+        k = key_cache[span.context_slots].to(q.dtype).transpose(0, 1)[None]  # [1, KvH, S, hd]
+        v = value_cache[span.context_slots].to(q.dtype).transpose(0, 1)[None]  # [1, KvH, S, hd]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=span.mask, scale=scale, enable_gqa=True
         )  # [1, H, Q, hd]
@@ -316,7 +317,7 @@ def _decode_attention(
     mask = None if group.mask is None else group.mask[:, None, None, :]  # [G, 1, 1, L]
     # One fused kernel (flash attention on CPU) per group; GQA without expanding K/V.
     out = F.scaled_dot_product_attention(
-        q.view(num_decodes, num_heads, 1, head_dim), k, v,
+        q.view(num_decodes, num_heads, 1, head_dim), k.to(q.dtype), v.to(q.dtype),
         attn_mask=mask, scale=scale, enable_gqa=True,
     )  # [G, H, 1, hd]
     return out.reshape(num_decodes, num_heads, head_dim)

@@ -168,6 +168,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), *rope_parameters(config))
         self._c_layers: list[cpu_kernels.DecodeLayer] | None = None  # see _c_decode_layers
+        # The activations' dtype when it is not the weights': float32 for bfloat16 weights on
+        # a CPU without bf16 arithmetic (set by the loader), where torch's bf16 ops are
+        # emulated and a 512-token prefill ran 0.78-0.87x as fast as float32.
+        self.activation_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -177,6 +181,8 @@ class LlamaModel(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        if self.activation_dtype is not None:
+            hidden = hidden.to(self.activation_dtype)
         # cos, sin: [T, hd] each; the C kernels take them in float32 whatever the model's dtype
         rotary = self.rotary_emb(positions, torch.float32 if metadata.cpu_kernel else hidden.dtype)
         c_layers = self._c_decode_layers(metadata)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from kvflow.errors import ModelLoadError
-from kvflow.model import hugepages
+from kvflow.model import cpu_isa, cpu_kernels, hugepages
 from kvflow.model.layers import can_pack, use_cpu_kernels_
 from kvflow.model.llama import LlamaForCausalLM
 
@@ -161,6 +161,9 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
         hugepages.move_to_hugepages_(model)
     if can_pack(device, dtype):
         use_cpu_kernels_(model)
+        if dtype == torch.bfloat16 and not cpu_isa.detect().native_bf16 \
+                and cpu_kernels.load() is not None:
+            model.model.activation_dtype = torch.float32  # bf16 weights and KV cache only
     return model.eval()
 
 
