@@ -106,6 +106,11 @@ def _read_cpuinfo() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+def cpu_model() -> str:
+    """The CPU's model name (part of the kernel builds' cache key: -mtune=native)."""
+    return _read_cpuinfo()[0]
+
+
 def _amx_permitted() -> bool:
     """Ask Linux for the AMX tile data state (arch_prctl ARCH_REQ_XCOMP_PERM): without it,
     the first tile instruction kills the process. Granted once per process; harmless to

@@ -63,16 +63,6 @@ BUILD_OF = {"generic": "generic", "avx2": "avx2", "avx512": "avx512",
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -85,7 +75,7 @@ def build(level: str | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     flags = [*FLAGS, *ISA_FLAGS[build_level]]
-    identity = " ".join([compiler, *flags, platform.machine(), _cpu_model()]).encode()
+    identity = " ".join([compiler, *flags, platform.machine(), cpu_isa.cpu_model()]).encode()
     text = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
     key = hashlib.sha256(text + identity).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"kvflow_cpu-{build_level}-{key}.so"
