@@ -71,6 +71,12 @@ class EngineArgs:
     lora_dtype: str = _arg(
         "auto", "dtype of the LoRA weights: auto (the model's), float32, bfloat16, float16",
         choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
+    limit_mm_per_prompt: dict[str, int] | str | None = _arg(
+        None, 'most images per prompt, as JSON: {"image": 2} (default 999 for image models)')
+    mm_processor_cache_gb: float = _arg(
+        4.0, "GiB of preprocessed images cached in the client by content hash (0: off)")
+    allowed_local_media_path: str | None = _arg(
+        None, "folder whose images file:// URLs may read (default: file:// refused)")
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -96,6 +102,7 @@ class EngineArgs:
         budget = self.max_num_batched_tokens or (4096 if device.type == "cuda" else 1024)
         if not self.enable_chunked_prefill:
             budget = max(budget, model_config.max_model_len)
+        mm_config = self._mm_config(model_config)
         cache = CacheConfig(
             block_size=self.block_size, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, num_kv_blocks=self.num_kv_blocks,
@@ -106,11 +113,33 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill, policy=self.scheduling_policy,
             stream_interval=self.stream_interval,
             max_loras=self.max_loras if self.enable_lora else 0,
+            # one image is encoded whole in one step: budget and cache hold at least one
+            encoder_budget=max(budget, mm_config.tokens_per_image) if mm_config else 0,
         )
         return EngineConfig(
             model_config=model_config, cache_config=cache, scheduler_config=scheduler,
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
-            lora_config=self._lora_config(dtype, device),
+            lora_config=self._lora_config(dtype, device), mm_config=mm_config,
+        )
+
+    def _mm_config(self, model_config: ModelConfig) -> MultiModalConfig | None:
+        """Image settings of a LLaVA model; None for a text-only model (images refused)."""
+        limits = _parse_mm_limits(self.limit_mm_per_prompt)
+        if not isinstance(self.mm_processor_cache_gb, (int, float)) \
+                or self.mm_processor_cache_gb < 0:
+            raise ValueError(f"mm_processor_cache_gb must be >= 0, got "
+                             f"{self.mm_processor_cache_gb!r}")
+        if model_config.image_token_id is None:
+            return None
+        media = self.allowed_local_media_path
+        if media is not None and not Path(media).is_dir():
+            raise ValueError(f"allowed_local_media_path {media!r} is not a folder")
+        return MultiModalConfig(
+            image_limit=(limits or {}).get("image", 999),
+            processor_cache_gb=float(self.mm_processor_cache_gb),
+            image_token_id=model_config.image_token_id,
+            tokens_per_image=model_config.tokens_per_image,
+            allowed_local_media_path=Path(media).resolve() if media else None,
         )
 
     def _lora_config(self, model_dtype: torch.dtype, device: torch.device) -> LoRAConfig | None:
@@ -160,6 +189,28 @@ class EngineArgs:
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _parse_mm_limits(value: dict[str, int] | str | None) -> dict[str, int] | None:
+    """limit_mm_per_prompt as a dict: given as one, as JSON ('{"image": 2}') or as vLLM's
+    older 'image=2' form."""
+    limits: Any = value
+    if isinstance(value, str):
+        try:
+            limits = json.loads(value) if value.lstrip().startswith("{") else {
+                k.strip(): int(v) for k, v in (item.split("=") for item in value.split(","))}
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"limit_mm_per_prompt must be JSON such as '{{\"image\": 2}}', "
+                             f"got {value!r} ({exc})") from None
+    if limits is None:
+        return None
+    if not isinstance(limits, dict) or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in limits.values()):
+        raise ValueError(f"limit_mm_per_prompt must map modalities to counts >= 0, got {limits!r}")
+    if set(limits) - {"image"}:
+        raise ValueError(f"limit_mm_per_prompt: only 'image' is supported, got "
+                         f"{sorted(set(limits) - {'image'})}")
+    return limits
 
 
 def _scalar_type(kind: Any) -> Any:
@@ -228,6 +279,9 @@ class ModelConfig:
     max_logprobs: int
     architecture: str
     quantization: str | None = None
+    # LLaVA models: the placeholder token and how many of them one image takes
+    image_token_id: int | None = None
+    tokens_per_image: int = 0
     # The model's config.json as transformers resolves it (defaults filled in), as plain
     # data: the engine-core process builds the model from it without importing transformers'
     # model classes (which pull in sympy and accelerate: ~60 MB resident).
@@ -238,10 +292,12 @@ class ModelConfig:
                     dtype: torch.dtype, device: torch.device, max_model_len: int | None,
                     seed: int, max_logprobs: int,
                     quantization: str | None = None) -> ModelConfig:
+        from kvflow.model.llava import image_token_id_of, text_config_of, tokens_per_image
         from kvflow.model.loader import load_hf_config
 
         hf_config = load_hf_config(path)
-        model_max = int(getattr(hf_config, "max_position_embeddings", 2048))
+        text_config = text_config_of(hf_config)
+        model_max = int(getattr(text_config, "max_position_embeddings", 2048))
         if max_model_len is not None and max_model_len > model_max:
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the model's limit of {model_max}"
@@ -250,10 +306,12 @@ class ModelConfig:
             model=model or path.name, path=path,
             tokenizer_path=Path(tokenizer) if tokenizer else path,
             dtype=dtype, device=device, max_model_len=max_model_len or model_max,
-            vocab_size=int(hf_config.vocab_size), eos_token_ids=_eos_ids(path, hf_config),
+            vocab_size=int(text_config.vocab_size), eos_token_ids=_eos_ids(path, hf_config),
             seed=seed, max_logprobs=max_logprobs,
             architecture=(getattr(hf_config, "architectures", None) or ["?"])[0],
             quantization=quantization, hf_config=hf_config.to_dict(),
+            image_token_id=image_token_id_of(hf_config),
+            tokens_per_image=tokens_per_image(hf_config),
         )
 
 
@@ -265,6 +323,8 @@ def _eos_ids(path: Path, hf_config: Any) -> tuple[int, ...]:
         eos = json.loads(gen.read_text()).get("eos_token_id")
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None and getattr(hf_config, "text_config", None) is not None:
+        eos = getattr(hf_config.text_config, "eos_token_id", None)  # LLaVA: the decoder's
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
@@ -291,6 +351,19 @@ class SchedulerConfig:
     policy: str
     stream_interval: int
     max_loras: int = 0  # distinct LoRA adapters in one step; 0 when LoRA is off
+    # image embeddings computed per step, and held by the encoder cache (0: text-only model)
+    encoder_budget: int = 0
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    """Image inputs of a LLaVA model (vLLM's limit_mm_per_prompt, mm_processor_cache_gb)."""
+
+    image_limit: int  # most images in one prompt
+    processor_cache_gb: float  # client cache of preprocessed images; 0 turns it off
+    image_token_id: int
+    tokens_per_image: int
+    allowed_local_media_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +386,7 @@ class EngineConfig:
     log_stats: bool = True
     num_threads: int | None = None
     lora_config: LoRAConfig | None = None
+    mm_config: MultiModalConfig | None = None
 
 
 @dataclass

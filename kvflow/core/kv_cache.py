@@ -69,7 +69,16 @@ class KVCacheManager:
     # ---- prefix cache ----------------------------------------------------------------
     def _extra_keys(self, request: Request, block_index: int) -> tuple:
         salt = request.cache_salt if block_index == 0 else None
-        return (request.lora_key, salt)
+        if not request.mm_features:
+            return (request.lora_key, salt)
+        # Placeholder ids are equal for every image: a block covering image placeholders is
+        # keyed by each such image's content hash and where the image starts relative to the
+        # block, so another image (or the same one elsewhere) never reuses this KV.
+        start = block_index * self.block_size
+        end = start + self.block_size
+        images = tuple((f.identifier, f.offset - start) for f in request.mm_features
+                       if f.offset < end and f.offset + f.length > start)
+        return (request.lora_key, salt, images)
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend request.block_hashes to every full block within its first num_tokens."""

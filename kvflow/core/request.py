@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvflow.engine.protocol import EngineCoreRequest, FinishReason
+from kvflow.engine.protocol import EngineCoreRequest, FinishReason, MultiModalFeature
 from kvflow.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class Request:
         "request_id", "prompt_token_ids", "sampling_params", "eos_token_ids", "arrival_time",
         "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
-        "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips",
+        "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -84,6 +84,8 @@ class Request:
         # Structured output: set by the core, advanced past each sampled token. Once the
         # grammar is complete its mask allows only EOS, so the request stops as usual.
         self.grammar: GrammarState | None = None
+        # Images, in prompt order: each one's content hash and placeholder span
+        self.mm_features: list[MultiModalFeature] = req.mm_features or []
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvflow.config import SchedulerConfig
+from kvflow.core.encoder_cache import EncoderCacheManager
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
@@ -39,6 +40,8 @@ class SchedulerOutput:
     """What the model runner must compute this step."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # images whose embeddings the runner may drop (evicted from the encoder cache)
+    freed_encoder_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -72,6 +75,9 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        # image embeddings (LLaVA models): what the runner keeps, and this step's budget
+        self.encoder_cache = EncoderCacheManager(config.encoder_budget) \
+            if config.encoder_budget else None
 
     # ---- request lifecycle ---------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -91,6 +97,7 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.kv.free(request)
+            self._release_images(request)
             ended.append(request)
         return ended
 
@@ -104,12 +111,48 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self.encoder_budget = self.config.encoder_budget
         budget, preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_waiting(out, budget)
         for item in out.scheduled:
             item.block_ids = self.kv.block_ids(item.request.request_id)
+        if self.encoder_cache is not None:
+            out.freed_encoder_ids = self.encoder_cache.take_freed()
         return out
+
+    def _fit_images(self, request: Request, start: int, num_new: int) -> int:
+        """Tokens of the chunk that can run: every image the chunk reaches must be encoded
+        already, or be encoded this step within the encoder budget and the cache's space;
+        otherwise the chunk ends just before that image's placeholders (vLLM's rule: an
+        image is encoded whole, in one step)."""
+        cache = self.encoder_cache
+        if cache is None or not request.mm_features:
+            return num_new
+        for feature in request.mm_features:
+            if feature.offset >= start + num_new:
+                break
+            if feature.offset + feature.length <= start:
+                continue  # its placeholders are computed: the KV cache holds the image
+            rid, identifier = request.request_id, feature.identifier
+            if cache.holds(identifier, rid) or cache.lookup(identifier, rid):
+                continue
+            if feature.length <= self.encoder_budget and cache.can_allocate(feature.length):
+                cache.allocate(identifier, feature.length, rid)
+                self.encoder_budget -= feature.length
+                continue
+            return max(0, feature.offset - start)
+        return num_new
+
+    def _release_images(self, request: Request, computed_only: bool = False) -> None:
+        """Drop the request's references to image embeddings (with computed_only, of the
+        images whose placeholders are all computed)."""
+        if self.encoder_cache is None:
+            return
+        for feature in request.mm_features:
+            if computed_only and feature.offset + feature.length > request.num_computed_tokens:
+                break
+            self.encoder_cache.release(feature.identifier, request.request_id)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
@@ -117,7 +160,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._fit_images(request, request.num_computed_tokens, min(
+                request.num_tokens - request.num_computed_tokens, budget))
+            if num_new == 0:
+                i += 1  # its next image waits for encoder budget or cache space
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim()
                 preempted = True
@@ -145,6 +192,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        self._release_images(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -170,8 +218,11 @@ class Scheduler:
             num_new = request.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = min(num_new, budget)
-            if not self.kv.allocate_slots(request, num_new, hit_blocks):
+            wanted = min(num_new, budget)
+            num_new = self._fit_images(request, num_hit, wanted)
+            if num_new == 0 or (num_new < wanted and not self.config.enable_chunked_prefill) \
+                    or not self.kv.allocate_slots(request, num_new, hit_blocks):
+                self._release_images(request)
                 break
             self.waiting.pop()
             if request.num_cached_tokens < 0:
@@ -200,6 +251,8 @@ class Scheduler:
                 0, min(request.num_prompt_tokens, computed + item.num_new_tokens) - computed
             )
             request.num_computed_tokens += item.num_new_tokens
+            if request.mm_features:
+                self._release_images(request, computed_only=True)
             token = result.sampled[i]
             prompt_lp = result.prompt_logprobs[i] if result.prompt_logprobs else None
             if token is None:
@@ -229,6 +282,7 @@ class Scheduler:
         request.status = status
         self.running.remove(request)
         self.kv.free(request)
+        self._release_images(request)
         del self.requests[request.request_id]
 
     def stats(self) -> SchedulerStats:
@@ -247,7 +301,14 @@ class Scheduler:
             running_lora_adapters=_adapter_counts(self.running) if lora else {},
             waiting_lora_adapters=_adapter_counts(self.waiting.requests()) if lora else {},
             max_lora=self.config.max_loras,
+            **self._encoder_stats(),
         )
+
+    def _encoder_stats(self) -> dict[str, int]:
+        cache = self.encoder_cache
+        if cache is None:
+            return {}
+        return {"mm_encoder_cache_queries": cache.queries, "mm_encoder_cache_hits": cache.hits}
 
 
 def _adapter_counts(requests: Iterable[Request]) -> dict[str, int]:

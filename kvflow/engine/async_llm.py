@@ -14,8 +14,8 @@ import msgspec
 from kvflow.config import AsyncEngineArgs, EngineConfig
 from kvflow.engine.core_client import CoreClient, InprocClient, MPClient
 from kvflow.engine.output_processor import OutputProcessor
-from kvflow.engine.processor import Processor, PromptType, load_tokenizer
-from kvflow.engine.protocol import EngineCoreRequest, SchedulerStats
+from kvflow.engine.processor import PromptType, build_processor, load_tokenizer
+from kvflow.engine.protocol import EngineCoreRequest, MultiModalFeature, SchedulerStats
 from kvflow.engine.stats import StatsLogger
 from kvflow.engine.streams import ParentRequest, RequestOutputCollector
 from kvflow.errors import EngineDeadError, EngineGenerateError
@@ -36,8 +36,7 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = load_tokenizer(config.model_config)
         self.engine_core: CoreClient = MPClient(config) if multiprocess else InprocClient(config)
-        self.processor = Processor(config.model_config, self.tokenizer,
-                                   self.engine_core.num_kv_blocks, config.cache_config.block_size)
+        self.processor = build_processor(config, self.tokenizer, self.engine_core.num_kv_blocks)
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 config.scheduler_config.stream_interval)
         self.parents: dict[str, ParentRequest] = {}
@@ -83,10 +82,11 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already running")
         if lora_request is not None:
             await self._check_lora(lora_request)
-        text, ids = await self._tokenize(prompt, tokenization_kwargs)
+        text, ids, images = await self._tokenize(prompt, tokenization_kwargs)
         arrival = arrival_time if arrival_time is not None else time.time()
         self._ensure_output_handler()
-        base = await self._make_request(request_id, ids, params, arrival, priority, lora_request)
+        base = await self._make_request(request_id, ids, params, arrival, priority, lora_request,
+                                        images)
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")  # raced
         collector = RequestOutputCollector(params.output_kind)
@@ -114,23 +114,24 @@ class AsyncLLM:
         return collector
 
     async def _make_request(self, request_id: str, ids: list[int], params: SamplingParams,
-                            arrival: float, priority: int,
-                            lora_request: LoRARequest | None) -> EngineCoreRequest:
+                            arrival: float, priority: int, lora_request: LoRARequest | None,
+                            images: list[MultiModalFeature] | None) -> EngineCoreRequest:
         """Validate once (children share the result); heavy checks run off the event loop."""
         heavy = (params.structured_outputs is not None or bool(params.bad_words)
                  or len(params.allowed_token_ids or ()) > 256 or len(ids) > 4096)
         if heavy:  # grammar compilation, tokenizing bad words, scanning long lists
             return await asyncio.to_thread(self.processor.make_request, request_id, ids, params,
-                                           arrival, priority, lora_request)
+                                           arrival, priority, lora_request, images)
         return self.processor.make_request(request_id, ids, params, arrival, priority,
-                                           lora_request)
+                                           lora_request, images)
 
-    async def _tokenize(self, prompt: PromptType,
-                        kwargs: dict[str, Any] | None) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str) and len(prompt) > 512:
-            # long texts tokenize in a worker thread so the event loop keeps streaming
-            return await asyncio.to_thread(self.processor.tokenize, prompt, kwargs)
-        return self.processor.tokenize(prompt, kwargs)
+    async def _tokenize(self, prompt: PromptType, kwargs: dict[str, Any] | None
+                        ) -> tuple[str | None, list[int], list[MultiModalFeature] | None]:
+        if (isinstance(prompt, str) and len(prompt) > 512) or self.processor.has_images(prompt):
+            # long texts tokenize, and images decode and preprocess, in a worker thread so
+            # the event loop keeps streaming
+            return await asyncio.to_thread(self.processor.process, prompt, kwargs)
+        return self.processor.process(prompt, kwargs)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str, *, lora_request: Any = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,8 @@ class EngineCore:
         from kvflow.lora.adapter import LoRAShapes
         from kvflow.lora.manager import LoRACache
 
-        shapes = LoRAShapes.from_hf_config(self.config.model_config.hf_config or {})
+        hf_config = self.config.model_config.hf_config or {}
+        shapes = LoRAShapes.from_hf_config(hf_config.get("text_config") or hf_config)
         return LoRACache(shapes, lc.max_lora_rank, lc.max_cpu_loras, lc.dtype)
 
     @property
@@ -73,6 +75,8 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> None:
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already running")
+        if req.mm_features:
+            self._check_images(req)
         self._seq += 1
         request = Request(req, self.config.model_config.max_model_len, self._seq,
                           self.runner.device)
@@ -82,6 +86,24 @@ class EngineCore:
         if structured is not None:
             request.grammar = self._structured_manager().add_request(req.request_id, structured)
         self.scheduler.add_request(request)
+
+    def _check_images(self, req: EngineCoreRequest) -> None:
+        """A request's images must match the model and its own placeholders (the client
+        checked; this keeps a malformed message from reaching the model)."""
+        mc = self.config.model_config
+        if mc.image_token_id is None:
+            raise ValueError(f"{mc.model} takes no images (a text-only model)")
+        ids, end = req.prompt_token_ids, 0
+        for feature in req.mm_features or ():
+            span = ids[feature.offset:feature.offset + feature.length]
+            itemsize = getattr(torch, feature.dtype, torch.uint8).itemsize
+            if (feature.offset < end or feature.length != mc.tokens_per_image
+                    or len(span) != feature.length
+                    or any(t != mc.image_token_id for t in span)
+                    or len(feature.pixels) != itemsize * math.prod(feature.shape)):
+                raise ValueError(f"image {feature.identifier[:12]} does not match its "
+                                 f"{feature.length} placeholders at {feature.offset}")
+            end = feature.offset + feature.length
 
     def _structured_manager(self) -> StructuredOutputManager:
         if self.structured is None:
@@ -124,10 +146,23 @@ class EngineCore:
         self.paused = False
 
     def get_stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.runner.encoder_runner is not None:
+            stats.mm_images_encoded = self.runner.encoder_runner.num_images_encoded
+        return stats
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+    def reset_mm_cache(self) -> bool:
+        """Drop every image embedding no request needs; False while one is referenced."""
+        cache = self.scheduler.encoder_cache
+        if cache is None:
+            return True
+        done = cache.reset()
+        if self.runner.encoder_runner is not None:
+            self.runner.encoder_runner.free(cache.take_freed())
+        return done
 
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.requests)

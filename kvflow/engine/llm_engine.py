@@ -8,7 +8,7 @@ from typing import Any
 from kvflow.config import EngineArgs, EngineConfig
 from kvflow.engine.core import EngineCore
 from kvflow.engine.output_processor import OutputProcessor
-from kvflow.engine.processor import Processor, PromptType, load_tokenizer
+from kvflow.engine.processor import PromptType, build_processor, load_tokenizer
 from kvflow.engine.streams import ParentRequest
 from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
@@ -22,8 +22,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model_config)
         self.core = EngineCore(config)
-        self.processor = Processor(config.model_config, self.tokenizer, self.core.num_blocks,
-                                   config.cache_config.block_size)
+        self.processor = build_processor(config, self.tokenizer, self.core.num_blocks)
         self.output_processor = OutputProcessor(
             self.tokenizer, config.scheduler_config.stream_interval)
         self.parents: dict[str, ParentRequest] = {}
@@ -43,11 +42,11 @@ class LLMEngine:
                 raise ValueError(
                     f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
             self.core.get_lora(lora_request)  # a bad adapter fails here, before anything queues
-        text, ids = self.processor.tokenize(prompt, tokenization_kwargs)
+        text, ids, images = self.processor.process(prompt, tokenization_kwargs)
         arrival = time.time()
         if params.n == 1:
             req = self.processor.make_request(request_id, ids, params, arrival, priority,
-                                              lora_request)
+                                              lora_request, images)
             self.output_processor.add_request(request_id, text, ids, params, arrival,
                                               lora_request=lora_request)
             self.core.add_request(req)
@@ -55,7 +54,7 @@ class LLMEngine:
         parent = ParentRequest(request_id, params)
         children = [
             self.processor.make_request(child_id, ids, parent.child_params(i), arrival, priority,
-                                        lora_request)
+                                        lora_request, images)
             for i, child_id in enumerate(parent.child_ids)
         ]
         self.parents[request_id] = parent

@@ -6,12 +6,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvflow.config import ModelConfig
-from kvflow.engine.protocol import EngineCoreRequest
+from kvflow.config import EngineConfig, ModelConfig
+from kvflow.engine.protocol import EngineCoreRequest, MultiModalFeature
 from kvflow.lora.request import LoRARequest
 from kvflow.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from kvflow.multimodal.processing import MultiModalProcessor
     from kvflow.structured.grammar import GrammarCompiler
 
 PromptType = str | Mapping[str, Any]
@@ -36,11 +37,24 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(str(model_config.tokenizer_path))
 
 
+def build_processor(config: EngineConfig, tokenizer: Any, num_kv_blocks: int) -> Processor:
+    """The client's Processor; for an image model, with the model's own image processor."""
+    mm = None
+    if config.mm_config is not None:
+        from kvflow.multimodal.processing import MultiModalProcessor, load_hf_processor
+
+        mm = MultiModalProcessor(config.model_config, config.mm_config,
+                                 load_hf_processor(config.model_config.path))
+    return Processor(config.model_config, tokenizer, num_kv_blocks,
+                     config.cache_config.block_size, mm)
+
+
 class Processor:
     """Tokenizes and validates; every error here is a ValueError raised before queueing."""
 
     def __init__(
-        self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int, block_size: int
+        self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int, block_size: int,
+        mm_processor: MultiModalProcessor | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -48,6 +62,33 @@ class Processor:
         self.block_size = block_size
         self.eos_token_ids = list(model_config.eos_token_ids)
         self._grammar_compiler: GrammarCompiler | None = None  # at the first structured request
+        self.mm_processor = mm_processor  # images in prompts (LLaVA models); None: text only
+
+    @staticmethod
+    def has_images(prompt: PromptType) -> bool:
+        return isinstance(prompt, Mapping) and prompt.get("multi_modal_data") is not None
+
+    def process(
+        self, prompt: PromptType, tokenization_kwargs: dict[str, Any] | None = None
+    ) -> tuple[str | None, list[int], list[MultiModalFeature] | None]:
+        """tokenize(), plus the images of a prompt with `multi_modal_data`: (text, token ids
+        with each image's placeholders expanded, the images in prompt order)."""
+        if not self.has_images(prompt):
+            text, ids = self.tokenize(prompt, tokenization_kwargs)
+            return text, ids, None
+        if self.mm_processor is None:
+            raise ValueError(f"{self.model_config.model} is a text-only model: it takes no "
+                             "images (multi_modal_data)")
+        assert isinstance(prompt, Mapping)
+        text = prompt.get("prompt")
+        if isinstance(text, str):
+            check_unicode(text, "prompt")
+        return self.mm_processor.process(prompt, tokenization_kwargs)
+
+    def image_placeholder_counts(self, text: str) -> int:
+        """How often the model's image placeholder occurs in a text (0 for text models)."""
+        mm = self.mm_processor
+        return 0 if mm is None else text.count(mm.image_token)
 
     def tokenize(
         self, prompt: PromptType, tokenization_kwargs: dict[str, Any] | None = None
@@ -98,6 +139,7 @@ class Processor:
         arrival_time: float | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
+        mm_features: list[MultiModalFeature] | None = None,
     ) -> EngineCoreRequest:
         """Validate a tokenized request and build what is sent to the core."""
         if not isinstance(params, SamplingParams):
@@ -109,7 +151,7 @@ class Processor:
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
             raise ValueError(
                 f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
-        self._check_prompt(prompt_ids)
+        self._check_prompt(prompt_ids, bool(mm_features))
         mc = self.model_config
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
@@ -135,6 +177,7 @@ class Processor:
             arrival_time=arrival_time if arrival_time is not None else time.time(),
             priority=priority,
             lora_request=lora_request,
+            mm_features=mm_features or None,
         )
 
     def _grammars(self) -> GrammarCompiler:
@@ -145,10 +188,13 @@ class Processor:
             self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         return self._grammar_compiler
 
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
+    def _check_prompt(self, prompt_ids: list[int], has_images: bool = False) -> None:
         mc = self.model_config
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if not has_images and mc.image_token_id is not None and mc.image_token_id in prompt_ids:
+            raise ValueError("the prompt has image placeholders but no images: give the "
+                             "images in multi_modal_data")
         bad = [t for t in prompt_ids if not 0 <= t < mc.vocab_size]
         if bad:
             raise ValueError(

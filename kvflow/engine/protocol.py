@@ -27,6 +27,21 @@ class FinishReason(enum.IntEnum):
         return ("stop", "length", "abort", "error")[self.value]
 
 
+class MultiModalFeature(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One preprocessed image of a request and where its placeholder tokens sit.
+
+    `identifier` is the image's content hash: the encoder cache and the prefix-cache keys use
+    it, so equal images share work and different images never share KV.
+    """
+
+    identifier: str
+    offset: int  # first placeholder position in the prompt
+    length: int  # placeholder tokens (= embeddings the encoder produces)
+    pixels: bytes  # the processor's pixel values, C order
+    shape: list[int]
+    dtype: str = "float32"
+
+
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     """One tokenized, validated request for the core."""
 
@@ -37,6 +52,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float
     priority: int = 0
     lora_request: LoRARequest | None = None
+    mm_features: list[MultiModalFeature] | None = None  # in prompt order, not overlapping
 
 
 class LogprobsLists(msgspec.Struct, array_like=True):
@@ -81,6 +97,10 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     running_lora_adapters: dict[str, int] = {}
     waiting_lora_adapters: dict[str, int] = {}
     max_lora: int = 0
+    # images (multimodal models): encoder cache lookups and hits, images encoded, since start
+    mm_encoder_cache_queries: int = 0
+    mm_encoder_cache_hits: int = 0
+    mm_images_encoded: int = 0
 
 
 class UtilityOutput(msgspec.Struct, array_like=True):

@@ -179,8 +179,10 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        # [T, hidden]; given embeddings replace the lookup (images' rows in a LLaVA model)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.activation_dtype is not None:
             hidden = hidden.to(self.activation_dtype)
         # cos, sin: [T, hd] each; the C kernels take them in float32 whatever the model's dtype
@@ -285,9 +287,14 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] of the flattened new tokens of a step."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        """Final hidden states [T, hidden] of the flattened new tokens of a step.
+        `inputs_embeds` [T, hidden], when given, replaces the token embedding lookup."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [T, hidden]
 
     def set_lora_hooks(self, make: MakeLoRAHook) -> None:
         """Give every projection LoRA can target its adapter hook (see LORA_TARGETS)."""

@@ -23,6 +23,14 @@ from kvflow.errors import ModelLoadError
 from kvflow.model import cpu_isa, cpu_kernels, hugepages
 from kvflow.model.layers import can_pack, use_cpu_kernels_
 from kvflow.model.llama import LlamaForCausalLM
+from kvflow.model.llava import (
+    LLAVA_ARCHITECTURE,
+    OTHER_VLMS,
+    LlavaEncoder,
+    is_llava,
+    split_weight_name,
+    text_config_of,
+)
 
 # config.architectures[0] -> model factory. Mistral is Llama without sliding windows;
 # Qwen2 is Llama with biases on the q/k/v projections.
@@ -52,6 +60,12 @@ def architecture_of(config: PretrainedConfig) -> str:
     """The first entry of `config.architectures`, checked against what kvflow implements."""
     names = getattr(config, "architectures", None) or []
     name = names[0] if names else f"<none; model_type '{config.model_type}'>"
+    if name == LLAVA_ARCHITECTURE:
+        return name
+    if name in OTHER_VLMS:
+        raise ModelLoadError(f"'{name}' is a vision-language model kvflow does not run; its "
+                             f"image models are {LLAVA_ARCHITECTURE} (CLIP or SigLIP tower, "
+                             "Llama, Mistral or Qwen2 decoder)")
     if name not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ModelLoadError(f"unsupported architecture '{name}'; supported: {supported}")
@@ -68,8 +82,10 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, read one tensor at a time on the CPU with plain file reads.
+def iterate_weights(files: list[Path], keep: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, read one tensor at a time on the CPU with plain file reads;
+    with `keep`, only the tensors whose names it accepts are read.
 
     Not through safetensors' memory map: every page of a mapped checkpoint counts in the
     process's resident size until the file is closed, so loading would peak at the weights
@@ -77,7 +93,7 @@ def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """
     for file in files:
         try:
-            yield from _read_safetensors(file)
+            yield from _read_safetensors(file, keep)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(
                 f"cannot read weights from {file}: {exc}; if this folder is a kvflow conversion "
@@ -93,7 +109,8 @@ _SAFETENSORS_DTYPES = MappingProxyType({
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
 
-def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_safetensors(file: Path, keep: Callable[[str], bool] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one safetensors file in file order: an 8-byte little-endian header
     length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
     with open(file, "rb") as f:
@@ -104,7 +121,8 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header = json.loads(f.read(header_len))
         data_start = 8 + header_len
         entries = sorted(((name, info) for name, info in header.items()
-                          if name != "__metadata__"), key=lambda e: e[1]["data_offsets"][0])
+                          if name != "__metadata__" and (keep is None or keep(name))),
+                         key=lambda e: e[1]["data_offsets"][0])
         for name, info in entries:
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor '{name}' has dtype {info['dtype']}, which kvflow "
@@ -142,16 +160,22 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
     transformers' model classes.
     """
     config = PretrainedConfig.from_dict(hf_config) if hf_config else load_hf_config(path)
-    factory = ARCHITECTURES[architecture_of(config)]
+    architecture_of(config)
+    text_config = text_config_of(config)  # a LLaVA model's decoder; the model itself otherwise
+    factory = ARCHITECTURES[architecture_of(text_config)]
     files = weight_files(path)
     with torch.device("meta"):
-        model = factory(config).to(dtype=dtype)
+        model = factory(text_config).to(dtype=dtype)
     in_place = device.type == "cpu" and quantization is None
     if in_place:  # weights read straight into huge pages (kvflow.model.hugepages)
         hugepages.materialize_(model)
     else:
         model = model.to_empty(device=device)
-    model.load_weights(iterate_weights(files))
+    if is_llava(config):  # the decoder's weights, renamed; the vision side loads on its own
+        model.load_weights((split_weight_name(n)[1], t) for n, t in iterate_weights(
+            files, keep=lambda name: not split_weight_name(name)[0]))
+    else:
+        model.load_weights(iterate_weights(files))
     model.requires_grad_(False)
     if quantization is not None:
         from kvflow.model.quant import quantize_model_
@@ -165,6 +189,20 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
                 and cpu_kernels.load() is not None:
             model.model.activation_dtype = torch.float32  # bf16 weights and KV cache only
     return model.eval()
+
+
+def load_vision_encoder(path: Path, dtype: torch.dtype, device: torch.device,
+                        hf_config: dict[str, Any] | None = None) -> LlavaEncoder | None:
+    """The vision tower and projector of a LLaVA folder, in `dtype`; None for a text model."""
+    config = PretrainedConfig.from_dict(hf_config) if hf_config else load_hf_config(path)
+    if not is_llava(config):
+        return None
+    with torch.device("meta"):
+        encoder = LlavaEncoder(config).to(dtype=dtype)
+    encoder = encoder.to_empty(device=device)
+    encoder.load_weights((split_weight_name(n)[1], t) for n, t in iterate_weights(
+        weight_files(path), keep=lambda name: split_weight_name(name)[0]))
+    return encoder.requires_grad_(False).eval()
 
 
 # transformers' model_type of a GGUF-derived config -> the architecture kvflow loads it as.

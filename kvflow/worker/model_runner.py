@@ -20,7 +20,7 @@ from kvflow.model.attention import (
     kv_cache_bytes_per_block,
     kv_cache_shape,
 )
-from kvflow.model.loader import load_model
+from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kvflow.core.request import Request
     from kvflow.lora.manager import LoRASlotTable
     from kvflow.structured.manager import StructuredOutputManager
+    from kvflow.worker.encoder_runner import EncoderRunner
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ModelRunner:
         self.vocab_size = mc.vocab_size
         start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
         self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+        self.encoder_runner = self._encoder_runner(config)
         self.num_blocks = self._count_blocks(config, start)
         shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
@@ -68,6 +70,23 @@ class ModelRunner:
         self.cpu_kernel = (self.device.type == "cpu"
                            and self.dtype in (torch.float32, torch.bfloat16)
                            and cpu_kernels.load() is not None)
+
+    def _encoder_runner(self, config: EngineConfig) -> EncoderRunner | None:
+        """The vision tower of a LLaVA model. On a CPU without bf16 arithmetic it runs in
+        float32 (like the decoder's activations there)."""
+        mc = config.model_config
+        if mc.image_token_id is None:
+            return None
+        from kvflow.model import cpu_isa
+        from kvflow.worker.encoder_runner import EncoderRunner
+
+        dtype = mc.dtype
+        if self.device.type == "cpu" and dtype != torch.float32 \
+                and not cpu_isa.detect().native_bf16:
+            dtype = torch.float32
+        encoder = load_vision_encoder(mc.path, dtype, self.device, mc.hf_config)
+        assert encoder is not None
+        return EncoderRunner(encoder, self.device)
 
     def _lora_slots(self, config: EngineConfig) -> LoRASlotTable | None:
         """The adapter slots, hooked into every projection LoRA can target."""
@@ -173,8 +192,13 @@ class ModelRunner:
 
             metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
                                           self.device)
-        hidden = self.model(input_ids.to(self.device), positions.to(self.device),
-                            self.kv_caches, metadata)  # [num_tokens, hidden]
+        input_ids = input_ids.to(self.device)
+        embeds = None
+        if self.encoder_runner is not None:
+            self.encoder_runner.free(out.freed_encoder_ids)
+            embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
+        hidden = self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
+                            embeds)  # [num_tokens, hidden]
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)

@@ -13,3 +13,10 @@ def assert_core_clean(core: EngineCore) -> None:
     assert not core.kv.req_blocks
     assert core.kv.num_free_blocks == core.kv.num_blocks
     core.kv.check_invariants()
+    encoder_cache = scheduler.encoder_cache
+    if encoder_cache is not None:  # image embeddings: none referenced, runner in step
+        assert encoder_cache.num_referenced == 0
+        encoder_cache.check_invariants()
+        runner = core.runner.encoder_runner
+        assert runner is not None
+        assert set(runner.outputs) <= set(encoder_cache.sizes) | set(encoder_cache.freed)
