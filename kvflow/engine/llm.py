@@ -81,13 +81,25 @@ class LLM:
         processor = self.llm_engine.processor
         prompts: list[PromptType] = []
         for conv in conversations:
-            text = processor.apply_chat_template(
+            text, images = processor.render_chat(
                 conv, add_generation_prompt, **(chat_template_kwargs or {})
             )
             _, ids = processor.tokenize(text, {"add_special_tokens": False})
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+            prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
+            if images:  # each image's one placeholder id is expanded by the processor
+                prompt["multi_modal_data"] = {"image": self._load_images(images)}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
                              lora_request=lora_request)
+
+    def _load_images(self, images: list[Any]) -> list[Any]:
+        """URLs (data:, file:// under allowed_local_media_path, http(s)) fetched and decoded;
+        images in memory as they are."""
+        from kvflow.multimodal.media import MediaLimits, load_image_sync
+
+        mm = self.llm_engine.config.mm_config
+        limits = MediaLimits.from_env(mm.allowed_local_media_path if mm else None)
+        return [load_image_sync(i, limits) if isinstance(i, str) else i for i in images]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self.llm_engine.add_lora(lora_request)

@@ -85,11 +85,6 @@ class Processor:
             check_unicode(text, "prompt")
         return self.mm_processor.process(prompt, tokenization_kwargs)
 
-    def image_placeholder_counts(self, text: str) -> int:
-        """How often the model's image placeholder occurs in a text (0 for text models)."""
-        mm = self.mm_processor
-        return 0 if mm is None else text.count(mm.image_token)
-
     def tokenize(
         self, prompt: PromptType, tokenization_kwargs: dict[str, Any] | None = None
     ) -> tuple[str | None, list[int]]:
@@ -123,13 +118,37 @@ class Processor:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not kwargs.get("chat_template") and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         return str(
             self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         )
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> tuple[str, list[Any]]:
+        """A conversation as prompt text, and its images (URL strings or images in memory)
+        in order: image parts become the model's placeholder, one per image."""
+        from kvflow.multimodal.chat import render_with_images, split_images
+
+        converted, images = split_images(messages)
+        if not images:
+            return self.apply_chat_template(messages, add_generation_prompt, **kwargs), []
+        mm = self.mm_processor
+        if mm is None:
+            raise ValueError(f"{self.model_config.model} is a text-only model: it takes no "
+                             "images (image_url content parts)")
+        if len(images) > mm.config.image_limit:
+            raise ValueError(f"the conversation has {len(images)} images, more than the limit "
+                             f"of {mm.config.image_limit} per prompt (limit_mm_per_prompt)")
+        template = kwargs.pop("chat_template", None) or mm.chat_template
+
+        def render(msgs: list[dict[str, Any]]) -> str:
+            return self.apply_chat_template(msgs, add_generation_prompt,
+                                            chat_template=template, **kwargs)
+
+        return render_with_images(render, converted, len(images), mm.image_token), images
 
     def make_request(
         self,

@@ -24,10 +24,10 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'system' %}{% elif m['role'] == 'user' %}USER: "
     "{% else %}ASSISTANT: {% endif %}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}{{ '<image>\\n' }}"
     "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if m['role'] == 'assistant' %}</s>{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 TINY_DECODER: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -54,6 +54,8 @@ class MultiModalProcessor:
         self.config = mm_config
         self.hf_processor = hf_processor
         self.tokenizer = hf_processor.tokenizer
+        # the processor's own template (image models keep theirs there), else the tokenizer's
+        self.chat_template: str | None = getattr(hf_processor, "chat_template", None)
         self.image_token = str(getattr(hf_processor, "image_token", "<image>"))
         token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if token_id != mm_config.image_token_id:

@@ -191,9 +191,9 @@ async def tokenize(raw: Request) -> TokenizeResponse:
     request = await ctx.parse(raw, TokenizeCompletionRequest | TokenizeChatRequest)
     ctx.check_model(request.model)
     if isinstance(request, TokenizeChatRequest):
-        text = await render_chat(ctx, request.messages, request.add_generation_prompt,
-                                 request.continue_final_message, request.chat_template_kwargs,
-                                 request.chat_template)
+        text, _ = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                    request.continue_final_message, request.chat_template_kwargs,
+                                    request.chat_template)
         param = "messages"
     else:
         text, param = request.prompt, "prompt"

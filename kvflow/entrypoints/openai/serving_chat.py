@@ -65,8 +65,9 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                       add_generation_prompt: bool, continue_final_message: bool,
                       template_kwargs: dict[str, Any] | None,
-                      request_template: str | None = None) -> str:
+                      request_template: str | None = None) -> tuple[str, list[Any]]:
     """Apply the chat template in the pool, within a time limit; any failure is a 400.
+    Returns the prompt text and the image URLs of `image_url` parts, in order.
 
     The model's own template renders in transformers' sandbox; a request's own template (only
     under --trust-request-chat-template) in a worker process with memory and output limits.
@@ -96,6 +97,8 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
         return await asyncio.wait_for(work, timeout)
     except OpenAIError:
         raise
+    except ValueError as exc:
+        raise OpenAIError(str(exc), 400, "messages") from exc
     except TimeoutError:
         raise OpenAIError(f"the chat template took longer than {timeout:g} s to render", 400,
                           "messages") from None
@@ -113,17 +116,33 @@ def _texts(message: ChatMessage) -> list[str]:
 
 def _render_model_template(processor: Processor, messages: list[ChatMessage],
                            add_generation_prompt: bool, continue_final_message: bool,
-                           kwargs: dict[str, Any]) -> str:
-    converted = [template_message(m) for m in messages]
+                           kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
     if continue_final_message:
         kwargs = {**kwargs, "continue_final_message": True}
+    if any(_has_images(m) for m in messages):  # image parts become the model's placeholders
+        return processor.render_chat([_with_parts(m) for m in messages], add_generation_prompt,
+                                     **kwargs)
+    converted = [template_message(m) for m in messages]
     return processor.apply_chat_template(
-        converted, add_generation_prompt=add_generation_prompt, **kwargs)
+        converted, add_generation_prompt=add_generation_prompt, **kwargs), []
+
+
+def _has_images(message: ChatMessage) -> bool:
+    content = message.content
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") == "image_url" for p in content)
+
+
+def _with_parts(message: ChatMessage) -> dict[str, Any]:
+    """template_message keeping list content as parts (images among them)."""
+    result = template_message(message.model_copy(update={"content": None}))
+    result["content"] = message.content or ""
+    return result
 
 
 def _render_request_template(ctx: ServingContext, template: str, messages: list[ChatMessage],
                              add_generation_prompt: bool, continue_final_message: bool,
-                             kwargs: dict[str, Any]) -> str:
+                             kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
     assert ctx.sandbox is not None
     converted = [template_message(m) for m in messages]
     tokens = ctx.engine.get_tokenizer().special_tokens_map
@@ -138,7 +157,7 @@ def _render_request_template(ctx: ServingContext, template: str, messages: list[
             raise OpenAIError("continue_final_message: the rendered template does not contain "
                               "the final message's content", 400, "continue_final_message")
         text = text[:end + len(final)]
-    return text
+    return text, []
 
 
 def chat_logprobs(token_ids: list[int], entries: SampleLogprobs, top_k: int,
@@ -182,11 +201,17 @@ class OpenAIServingChat:
             raise OpenAIError(f"top_logprobs must be in 0..{max_logprobs}, got "
                               f"{request.top_logprobs}", 400, "top_logprobs")
         ctx.check_capacity(request.n)
-        prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
-                                   request.continue_final_message, request.chat_template_kwargs,
-                                   request.chat_template)
+        prompt, image_urls = await render_chat(
+            ctx, request.messages, request.add_generation_prompt,
+            request.continue_final_message, request.chat_template_kwargs, request.chat_template)
         ids = await ctx.tokenize(prompt, request.add_special_tokens, "messages",
                                  bounded=request.truncate_prompt_tokens is None)
+        images, features = None, None
+        if image_urls:
+            if request.truncate_prompt_tokens is not None:
+                raise OpenAIError("truncate_prompt_tokens cannot be used with images (it could "
+                                  "cut an image's placeholders)", 400, "truncate_prompt_tokens")
+            images, ids, features = await ctx.load_images(image_urls, prompt, ids)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens:]
         requested = (request.max_completion_tokens if request.max_completion_tokens is not None
@@ -197,9 +222,11 @@ class OpenAIServingChat:
                                        prompt_logprobs=request.prompt_logprobs,
                                        stream=bool(request.stream))
         request_id = random_id("chatcmpl")
-        await ctx.validate(request_id, ids, params, request.priority, "messages", lora)
+        await ctx.validate(request_id, ids, params, request.priority, "messages", lora,
+                           features)
         ctx.check_capacity(request.n)  # again: others may have come in while this one waited
-        outputs = await ctx.start(request_id, prompt, ids, params, request.priority, lora)
+        outputs = await ctx.start(request_id, prompt, ids, params, request.priority, lora,
+                                  images)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         model = ctx.models.response_name(lora)
         if request.stream:

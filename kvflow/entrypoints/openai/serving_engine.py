@@ -17,6 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from kvflow.engine.async_llm import AsyncLLM
+from kvflow.engine.protocol import MultiModalFeature
 from kvflow.engine.streams import RequestOutputCollector
 from kvflow.engine.token_bytes import TokenBytes
 from kvflow.entrypoints.openai.body import ByteBudget, read_body
@@ -104,6 +105,10 @@ class ServingContext:
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         self.capacity = self.max_num_seqs + self.limits.waiting_bound(
             self.max_num_seqs, self.engine.engine_core.num_kv_blocks)
+        from kvflow.multimodal.media import MediaLimits
+
+        mm = config.mm_config
+        self.media_limits = MediaLimits.from_env(mm.allowed_local_media_path if mm else None)
         self.sandbox: TemplateSandbox | None = None
         if self.limits.trust_request_chat_template:
             self.sandbox = TemplateSandbox(timeout_s=self.limits.chat_template_timeout_s,
@@ -194,12 +199,29 @@ class ServingContext:
             raise OpenAIError(str(exc), 400, param) from exc
         return ids
 
+    async def load_images(self, urls: list[Any], prompt: str, ids: list[int]
+                          ) -> tuple[list[Any], list[int], list[MultiModalFeature]]:
+        """Fetch and decode a chat's images (concurrently, off the event loop), preprocess
+        them with the model's processor: (images, token ids with placeholders expanded,
+        the images' features). Any failure is a 400 naming the problem."""
+        from kvflow.multimodal.media import load_image
+
+        try:
+            images = await asyncio.gather(*(load_image(url, self.media_limits) for url in urls))
+            _, expanded, features = await self.run(self.engine.processor.process, {
+                "prompt": prompt, "prompt_token_ids": ids,
+                "multi_modal_data": {"image": list(images)}})
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, "messages") from exc
+        return list(images), expanded, features or []
+
     async def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       priority: int, prompt_param: str, lora: LoRARequest | None = None) -> None:
+                       priority: int, prompt_param: str, lora: LoRARequest | None = None,
+                       images: list[MultiModalFeature] | None = None) -> None:
         """Run the engine's checks now (in the pool): a bad request is a 400 before streaming."""
         try:
             await self.run(self.engine.processor.make_request, request_id, prompt_ids, params,
-                           None, priority, lora)
+                           None, priority, lora, images)
         except ValueError as exc:
             error = error_from_exception(exc)
             if error.param is None and "prompt" in error.message.split(" ", 2)[:2]:
@@ -207,14 +229,16 @@ class ServingContext:
             raise error from exc
 
     async def start(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
-                    params: SamplingParams, priority: int, lora: LoRARequest | None = None
-                    ) -> AsyncIterator[RequestOutput]:
+                    params: SamplingParams, priority: int, lora: LoRARequest | None = None,
+                    images: list[Any] | None = None) -> AsyncIterator[RequestOutput]:
         """Queue the request in the engine now, then stream it (tracked for metrics).
 
         Queued now, not when a streaming response starts iterating: that could be after other
         requests passed the capacity check, and overload control would not hold.
         """
-        prompt = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
+        if images:  # processed again in the engine: the processor cache makes that a lookup
+            prompt["multi_modal_data"] = {"image": images}
         self.pending += params.n
         try:
             async with self.models.queuing(lora) as current:
