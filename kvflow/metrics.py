@@ -41,6 +41,18 @@ _STAT_COUNTERS = {
     "prefix_cache_queries": ("kvflow:prefix_cache_queries", "Prompt tokens looked up in the "
                              "prefix cache"),
     "prefix_cache_hits": ("kvflow:prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    "mm_images_encoded": ("kvflow:mm_images_encoded", "Images the vision tower encoded"),
+    "mm_encoder_cache_queries": ("kvflow:mm_encoder_cache_queries",
+                                 "Images looked up in the encoder cache"),
+    "mm_encoder_cache_hits": ("kvflow:mm_encoder_cache_hits",
+                              "Images whose embeddings the encoder cache held"),
+}
+# The client's processor-cache totals (vLLM's mm_cache_* names) → Prometheus counters.
+_FRONTEND_COUNTERS = {
+    "images_processed": ("kvflow:mm_images_processed",
+                         "Images the model's processor preprocessed (processor-cache misses)"),
+    "cache_queries": ("kvflow:mm_cache_queries", "Images looked up in the processor cache"),
+    "cache_hits": ("kvflow:mm_cache_hits", "Images found in the processor cache"),
 }
 
 
@@ -77,7 +89,12 @@ class ServerMetrics:
             field: Counter(name, doc, names, registry=self.registry).labels(**self.labels)
             for field, (name, doc) in _STAT_COUNTERS.items()
         }
-        self._last_totals: dict[str, int] = dict.fromkeys(_STAT_COUNTERS, 0)
+        self.frontend_counters = {
+            field: Counter(name, doc, names, registry=self.registry).labels(**self.labels)
+            for field, (name, doc) in _FRONTEND_COUNTERS.items()
+        }
+        self._last_totals: dict[str, int] = dict.fromkeys([*_STAT_COUNTERS, *_FRONTEND_COUNTERS],
+                                                          0)
         self.request_success = Counter("kvflow:request_success", "Finished requests",
                                        names + ["finished_reason"], registry=self.registry)
         for reason in ("stop", "length", "abort"):  # exported at 0 before the first one
@@ -111,16 +128,21 @@ class ServerMetrics:
         queries = stats.prefix_cache_queries
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
         for field, counter in self.stat_counters.items():
-            total = int(getattr(stats, field))
-            # Counters only go up: add what the core counted since the last scrape.
-            counter.inc(max(0, total - self._last_totals[field]))
-            self._last_totals[field] = max(total, self._last_totals[field])
+            self._advance(field, counter, int(getattr(stats, field)))
         if self.lora is not None:
             self.lora.update(stats.running_lora_adapters, stats.waiting_lora_adapters,
                              stats.max_lora, lora_names)
 
-    def update_frontend(self, num_tracked: int) -> None:
+    def _advance(self, field: str, counter: Any, total: int) -> None:
+        """Counters only go up: add what was counted since the last scrape."""
+        counter.inc(max(0, total - self._last_totals[field]))
+        self._last_totals[field] = max(total, self._last_totals[field])
+
+    def update_frontend(self, num_tracked: int, mm_totals: dict[str, int] | None = None) -> None:
+        """`mm_totals`: the processor cache's images_processed, cache_queries, cache_hits."""
         self.frontend_requests.set(num_tracked)
+        for field, total in (mm_totals or {}).items():
+            self._advance(field, self.frontend_counters[field], total)
 
     def overloaded(self) -> None:
         self.rejected_overload.inc()

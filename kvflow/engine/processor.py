@@ -64,6 +64,14 @@ class Processor:
         self._grammar_compiler: GrammarCompiler | None = None  # at the first structured request
         self.mm_processor = mm_processor  # images in prompts (LLaVA models); None: text only
 
+    def mm_totals(self) -> dict[str, int] | None:
+        """Images preprocessed, processor-cache lookups and hits since start (image models)."""
+        mm = self.mm_processor
+        if mm is None:
+            return None
+        return {"images_processed": mm.num_images_processed, "cache_queries": mm.cache.queries,
+                "cache_hits": mm.cache.hits}
+
     @staticmethod
     def has_images(prompt: PromptType) -> bool:
         return isinstance(prompt, Mapping) and prompt.get("multi_modal_data") is not None

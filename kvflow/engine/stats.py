@@ -35,10 +35,14 @@ def format_stats(cur: SchedulerStats, prev: SchedulerStats | None, elapsed: floa
     queries = cur.prefix_cache_queries - (prev.prefix_cache_queries if prev else 0)
     hits = cur.prefix_cache_hits - (prev.prefix_cache_hits if prev else 0)
     hit_rate = 100.0 * hits / queries if queries else 0.0
-    return (
+    line = (
         f"prompt throughput: {prompt / elapsed:.1f} tokens/s, "
         f"generation throughput: {gen / elapsed:.1f} tokens/s, "
         f"running: {cur.num_running_reqs} reqs, waiting: {cur.num_waiting_reqs} reqs, "
         f"KV cache usage: {100 * cur.kv_cache_usage:.1f}%, "
         f"prefix cache hit rate: {hit_rate:.1f}%, preemptions: {cur.num_preemptions}"
     )
+    if cur.mm_encoder_cache_queries:  # an image model that has seen images
+        rate = 100.0 * cur.mm_encoder_cache_hits / cur.mm_encoder_cache_queries
+        line += f", images encoded: {cur.mm_images_encoded}, encoder cache hit rate: {rate:.1f}%"
+    return line

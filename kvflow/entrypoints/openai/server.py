@@ -172,7 +172,8 @@ async def version() -> dict[str, str]:
 @router.get("/metrics")
 async def metrics(raw: Request) -> Response:
     ctx = _ctx(raw)
-    ctx.metrics.update_frontend(ctx.engine.get_num_unfinished_requests())
+    ctx.metrics.update_frontend(ctx.engine.get_num_unfinished_requests(),
+                                ctx.engine.processor.mm_totals())
     if ctx.engine.errored:
         ctx.metrics.engine_dead()
     else:
