@@ -8,6 +8,7 @@ image until the scheduler reports it evicted.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ class EncoderRunner:
         self.device = device
         self.outputs: dict[str, torch.Tensor] = {}  # identifier -> [tokens_per_image, hidden]
         self.num_images_encoded = 0  # tower runs per image, since start
+        self.encode_seconds = 0.0  # time in the tower and projector, since start
         self.dtype = next(encoder.parameters()).dtype
 
     def free(self, identifiers: Sequence[str]) -> None:
@@ -54,6 +56,9 @@ class EncoderRunner:
 
     def _encode(self, features: dict[str, MultiModalFeature]) -> None:
         """Run the tower once per distinct image, batching images of one pixel shape."""
+        if not features:
+            return
+        start = time.perf_counter()
         by_shape: dict[tuple[int, ...], list[MultiModalFeature]] = {}
         for feature in features.values():
             by_shape.setdefault(tuple(feature.shape), []).append(feature)
@@ -66,6 +71,9 @@ class EncoderRunner:
                                      f"embeddings for {feature.length} placeholders")
                 self.outputs[feature.identifier] = image
             self.num_images_encoded += len(group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.encode_seconds += time.perf_counter() - start
 
 
 def _pieces(scheduled: Sequence[ScheduledRequest]) -> list[_Piece]:
