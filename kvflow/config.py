@@ -115,6 +115,7 @@ class EngineArgs:
             max_loras=self.max_loras if self.enable_lora else 0,
             # one image is encoded whole in one step: budget and cache hold at least one
             encoder_budget=max(budget, mm_config.tokens_per_image) if mm_config else 0,
+            encoder_cache_size=_encoder_cache_size(model_config, budget) if mm_config else 0,
         )
         return EngineConfig(
             model_config=model_config, cache_config=cache, scheduler_config=scheduler,
@@ -189,6 +190,20 @@ class EngineArgs:
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# Memory for kept image embeddings (the encoder cache), in bytes of float32 embeddings.
+ENCODER_CACHE_BYTES = 256 << 20
+
+
+def _encoder_cache_size(model_config: ModelConfig, budget: int) -> int:
+    """Image embeddings the encoder cache holds: what ENCODER_CACHE_BYTES of float32
+    embeddings of the decoder's width takes, and at least one step's encoder budget. (vLLM
+    sizes it to the step budget alone; at the CPU's 1024 tokens that is five 196-token
+    images, and a workload cycling through eight distinct images never hit.)"""
+    hf = model_config.hf_config or {}
+    hidden = int((hf.get("text_config") or hf).get("hidden_size", 4096))
+    return max(budget, model_config.tokens_per_image, ENCODER_CACHE_BYTES // (4 * hidden))
 
 
 def _parse_mm_limits(value: dict[str, int] | str | None) -> dict[str, int] | None:
@@ -353,6 +368,7 @@ class SchedulerConfig:
     max_loras: int = 0  # distinct LoRA adapters in one step; 0 when LoRA is off
     # image embeddings computed per step, and held by the encoder cache (0: text-only model)
     encoder_budget: int = 0
+    encoder_cache_size: int = 0
 
 
 @dataclass(frozen=True)

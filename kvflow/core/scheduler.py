@@ -76,8 +76,9 @@ class Scheduler:
         self.num_generation_tokens = 0
         self.num_steps = 0
         # image embeddings (LLaVA models): what the runner keeps, and this step's budget
-        self.encoder_cache = EncoderCacheManager(config.encoder_budget) \
-            if config.encoder_budget else None
+        self.encoder_cache = EncoderCacheManager(
+            max(config.encoder_cache_size, config.encoder_budget)) if config.encoder_budget \
+            else None
 
     # ---- request lifecycle ---------------------------------------------------------
     def add_request(self, request: Request) -> None:
