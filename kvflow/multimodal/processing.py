@@ -77,7 +77,9 @@ class MultiModalProcessor:
         if ids is None and not isinstance(text, str):
             raise ValueError("a prompt with images needs 'prompt' (text) or 'prompt_token_ids'")
         self._check_length(text, ids, len(images))
-        processed = [self._preprocess(image) for image in images]
+        uuids = _uuids_of(prompt, len(images))
+        processed = [self._preprocess(image, uuid) for image, uuid in zip(images, uuids,
+                                                                           strict=True)]
         if ids is None:
             assert isinstance(text, str)
             ids = self._expand_text(text, processed, kwargs)
@@ -95,8 +97,9 @@ class MultiModalProcessor:
                 f"({self.config.tokens_per_image} each), more than the model's context length "
                 f"max_model_len={self.model_config.max_model_len}")
 
-    def _preprocess(self, image: Any) -> tuple[str, ProcessedImage]:
-        key = content_hash(image)
+    def _preprocess(self, image: Any, uuid: str | None) -> tuple[str, ProcessedImage]:
+        # a caller's id stands for the content (vLLM's multi_modal_uuids): no hashing
+        key = content_hash(image) if uuid is None else f"uuid:{uuid}"
         with self._lock:
             hit = self.cache.get(key)
         if hit is not None:
@@ -169,6 +172,20 @@ class MultiModalProcessor:
                 dtype=str(pixels.dtype).removeprefix("torch.")))
             used += entry.num_tokens
         return features
+
+
+def _uuids_of(prompt: Mapping[str, Any], count: int) -> list[str | None]:
+    """The caller's ids of the images (`multi_modal_uuids`, vLLM's), None where absent."""
+    given = prompt.get("multi_modal_uuids")
+    if given is None:
+        return [None] * count
+    uuids = given.get("image") if isinstance(given, Mapping) else None
+    uuids = [uuids] if isinstance(uuids, str) else uuids
+    if not isinstance(uuids, list) or len(uuids) != count or not all(
+            u is None or (isinstance(u, str) and u) for u in uuids):
+        raise ValueError(f"multi_modal_uuids must be {{'image': [id or None, ...]}} with one "
+                         f"non-empty string (or None) per image ({count})")
+    return uuids
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
