@@ -138,11 +138,12 @@ class Processor:
                     **kwargs: Any) -> tuple[str, list[Any]]:
         """A conversation as prompt text, and its images (URL strings or images in memory)
         in order: image parts become the model's placeholder, one per image."""
-        from kvflow.multimodal.chat import render_with_images, split_images
+        from kvflow.multimodal.chat import joined_text, render_with_images, split_images
 
         converted, images = split_images(messages)
-        if not images:
-            return self.apply_chat_template(messages, add_generation_prompt, **kwargs), []
+        if not images:  # text parts joined, as templates that read strings expect
+            return self.apply_chat_template(joined_text(converted), add_generation_prompt,
+                                            **kwargs), []
         mm = self.mm_processor
         if mm is None:
             raise ValueError(f"{self.model_config.model} is a text-only model: it takes no "

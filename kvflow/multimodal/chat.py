@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # vLLM's offline API also takes images in memory: {"type": "image_pil", "image_pil": img}
-IMAGE_PART_TYPES = ("image_url", "image_pil", "image")
+# (the server accepts image_url only)
+IMAGE_PART_TYPES = ("image_url", "image_pil")
 
 
 def split_images(messages: Sequence[Mapping[str, Any]]
@@ -46,9 +47,13 @@ def split_images(messages: Sequence[Mapping[str, Any]]
 
 
 def _image_of(part: Mapping[str, Any], index: int) -> Any:
+    from PIL import Image
+
     kind = part["type"]
     if kind == "image_pil":
-        return part.get("image_pil")
+        if not isinstance(part.get("image_pil"), Image.Image):
+            raise ValueError(f"messages[{index}]: an image_pil part needs a PIL image")
+        return part["image_pil"]
     value = part.get(kind)
     url = value.get("url") if isinstance(value, Mapping) else value
     if not isinstance(url, str) or not url:

@@ -267,14 +267,12 @@ def test_bad_image_input_is_400(server: RemoteServer, host: ImageHost, media_dir
     assert_no_leaks(server)
 
 
-@pytest.mark.xfail(strict=True, raises=openai.InternalServerError, reason=(
-    "bug: an 'image_pil' part (meant for the offline API) is taken from JSON too "
-    "(kvflow/multimodal/chat.py split_images/_image_of); a non-string value reaches "
-    "media._scheme_of, whose url[:5] raises TypeError: a 500, not a 400"))
 def test_image_pil_part_from_json_is_400(server: RemoteServer, sent: set[bytes]) -> None:
-    with pytest.raises(openai.BadRequestError):
-        chat(server, [user(image_part(CAT_URL), {"type": "image_pil", "image_pil": 5})], sent,
-             [])
+    """image_pil (images in memory) is the offline API's; over HTTP only image_url."""
+    for part in ({"type": "image_pil", "image_pil": 5}, {"type": "image"}):
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            chat(server, [user(image_part(CAT_URL), part)], sent, [])
+    assert_no_leaks(server)
 
 
 @pytest.fixture(scope="module")
@@ -293,12 +291,8 @@ def test_text_only_model_refuses_images(text_only: LLM) -> None:
     assert not text_only.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "bug: Processor.render_chat (kvflow/engine/processor.py:144-145) hands messages without "
-    "images to the template unchanged; a string-only template (SmolLM2's) fails on a list "
-    "of text parts with jinja's TypeError (the server joins the parts: "
-    "serving_chat.template_message; kvflow.multimodal.chat.joined_text is unused)"))
 def test_text_parts_on_a_text_only_model(text_only: LLM) -> None:
+    """Text parts are joined for a template that reads strings, as the server does."""
     params = SamplingParams(max_tokens=2, temperature=0)
     out = text_only.chat([user("What?")], params, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2

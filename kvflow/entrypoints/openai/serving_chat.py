@@ -134,9 +134,15 @@ def _has_images(message: ChatMessage) -> bool:
 
 
 def _with_parts(message: ChatMessage) -> dict[str, Any]:
-    """template_message keeping list content as parts (images among them)."""
+    """template_message keeping list content as parts (text and image_url only)."""
     result = template_message(message.model_copy(update={"content": None}))
-    result["content"] = message.content or ""
+    content = message.content or ""
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image_url"):
+            raise OpenAIError(f"content parts of type {kind!r} are not supported (text, "
+                              "image_url)", 400, "messages")
+    result["content"] = content
     return result
 
 
