@@ -308,9 +308,10 @@ class ModelConfig:
                     seed: int, max_logprobs: int,
                     quantization: str | None = None) -> ModelConfig:
         from kvflow.model.llava import image_token_id_of, text_config_of, tokens_per_image
-        from kvflow.model.loader import load_hf_config
+        from kvflow.model.loader import architecture_of, load_hf_config
 
         hf_config = load_hf_config(path)
+        architecture_of(hf_config)  # an architecture kvflow does not run is refused by name
         text_config = text_config_of(hf_config)
         model_max = int(getattr(text_config, "max_position_embeddings", 2048))
         if max_model_len is not None and max_model_len > model_max:

@@ -26,17 +26,19 @@ class EncoderCacheManager:
         self.users: dict[str, set[str]] = {}  # identifier -> request ids referencing it
         self.freeable: OrderedDict[str, None] = OrderedDict()  # unreferenced, oldest first
         self.freed: list[str] = []  # evicted since the runner last heard
-        self.queries = 0  # images looked up when a step first needed them
-        self.hits = 0  # of which were already encoded
+        # images a request needed: found encoded (hits) or reserved to encode; a request
+        # waiting for room before an image is not counted again each step it waits
+        self.queries = 0
+        self.hits = 0
 
     def __contains__(self, identifier: str) -> bool:
         return identifier in self.sizes
 
     def lookup(self, identifier: str, request_id: str) -> bool:
         """True (and the request now references it) if the image is already encoded."""
-        self.queries += 1
         if identifier not in self.sizes:
             return False
+        self.queries += 1
         self.hits += 1
         self._add_user(identifier, request_id)
         return True
@@ -54,6 +56,7 @@ class EncoderCacheManager:
 
     def allocate(self, identifier: str, size: int, request_id: str) -> None:
         """Reserve an entry (after can_allocate) that this step encodes."""
+        self.queries += 1
         self.sizes[identifier] = size
         self.users[identifier] = set()
         self.num_free -= size

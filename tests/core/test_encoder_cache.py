@@ -174,8 +174,8 @@ def test_chunk_ends_before_an_image_over_the_encoder_budget() -> None:
     assert chunks(out) == [("r1", 1), ("r2", 30)]
     assert out.freed_encoder_ids == ["a"]
     assert run_to_end(s) == []
-    # b missed in both steps (a retried miss counts again); nothing hit
-    assert (s.encoder_cache.queries, s.encoder_cache.hits) == (3, 0)
+    # a and b each counted once, when reserved (b's wait in step 1 is no query); nothing hit
+    assert (s.encoder_cache.queries, s.encoder_cache.hits) == (2, 0)
     assert_no_leaks(s)
 
 
