@@ -78,7 +78,8 @@ class KVCacheManager:
         end = start + self.block_size
         images = tuple((f.identifier, f.offset - start) for f in request.mm_features
                        if f.offset < end and f.offset + f.length > start)
-        return (request.lora_key, salt, images)
+        # (blocks before the first image hash as text: a text prompt shares them)
+        return (request.lora_key, salt, images) if images else (request.lora_key, salt)
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend request.block_hashes to every full block within its first num_tokens."""

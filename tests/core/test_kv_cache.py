@@ -130,3 +130,55 @@ def test_caching_disabled_shares_nothing() -> None:
     kv.free(a)
     kv.free(b)
     kv.check_invariants()
+
+
+IMG = 99_999  # the placeholder id: equal for every image
+
+
+def image_prompt(text_before: int, image_len: int, text_after: int) -> list[int]:
+    return list(range(text_before)) + [IMG] * image_len + list(range(500, 500 + text_after))
+
+
+def test_block_keys_name_each_image_and_its_offset(kv: KVCacheManager) -> None:
+    """vLLM's test_mm_prefix_caching: a block covering placeholders is keyed by (image hash,
+    image start - block start) of each image it overlaps; blocks before an image by text."""
+    prompt = list(range(10)) + [IMG] * 20 + [IMG] * 10 + list(range(3))  # images at 10, 30
+    req = make_request("a", prompt, images=[("aaa", 10, 20), ("bbb", 30, 10)])
+    kv._update_hashes(req, req.num_tokens)
+    assert [kv._extra_keys(req, i) for i in range(3)] == [
+        (None, None, (("aaa", 10),)),  # block 0: tokens 0-15, image aaa from 10
+        (None, None, (("aaa", -6), ("bbb", 14))),  # block 1: 16-31, aaa began 6 before
+        (None, None, (("bbb", -2),)),  # block 2: 32-47
+    ]
+    text = make_request("t", list(range(40)))
+    assert kv._extra_keys(text, 0) == (None, None)
+
+
+def test_same_text_other_image_shares_only_the_blocks_before_it(kv: KVCacheManager) -> None:
+    prompt = image_prompt(32, 20, 12)  # blocks 0-1 text, 2-3 cover the image
+    first = make_request("a", prompt, images=[("cat", 32, 20)])
+    assert admit(kv, first) == 0
+    kv.free(first)
+    other = make_request("b", prompt, images=[("dog", 32, 20)])
+    assert admit(kv, other) == 2 * BS  # the text blocks only: never the cat's KV
+    kv.free(other)
+    same = make_request("c", prompt, images=[("cat", 32, 20)])
+    assert admit(kv, same) == 3 * BS  # every full block (the last token is computed anyway)
+    kv.free(same)
+    text = make_request("d", list(range(32)) + list(range(700, 720)))
+    assert admit(kv, text) == 2 * BS  # a text prompt shares the blocks before the image
+    kv.free(text)
+
+
+def test_swapped_adjacent_images_share_nothing(kv: KVCacheManager) -> None:
+    """Equal token ids (two adjacent placeholder runs), images in the other order."""
+    prompt = image_prompt(0, 32, 17)
+    first = make_request("a", prompt, images=[("cat", 0, 16), ("dog", 16, 16)])
+    admit(kv, first)
+    kv.free(first)
+    swapped = make_request("b", prompt, images=[("dog", 0, 16), ("cat", 16, 16)])
+    assert admit(kv, swapped) == 0
+    kv.free(swapped)
+    again = make_request("c", prompt, images=[("cat", 0, 16), ("dog", 16, 16)])
+    assert admit(kv, again) == 3 * BS
+    kv.free(again)
