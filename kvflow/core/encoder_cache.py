@@ -26,6 +26,9 @@ class EncoderCacheManager:
         self.users: dict[str, set[str]] = {}  # identifier -> request ids referencing it
         self.freeable: OrderedDict[str, None] = OrderedDict()  # unreferenced, oldest first
         self.freed: list[str] = []  # evicted since the runner last heard
+        # reserved in the step being scheduled, not encoded yet: given up whole if the
+        # request that reserved it is not scheduled after all
+        self.pending: set[str] = set()
         # images a request needed: found encoded (hits) or reserved to encode; a request
         # waiting for room before an image is not counted again each step it waits
         self.queries = 0
@@ -60,6 +63,7 @@ class EncoderCacheManager:
         self.sizes[identifier] = size
         self.users[identifier] = set()
         self.num_free -= size
+        self.pending.add(identifier)
         self._add_user(identifier, request_id)
 
     def _add_user(self, identifier: str, request_id: str) -> None:
@@ -72,8 +76,19 @@ class EncoderCacheManager:
         if users is None or request_id not in users:
             return
         users.discard(request_id)
-        if not users:
+        if users:
+            return
+        if identifier in self.pending:  # never encoded: nothing to keep, nothing was queried
+            self.pending.discard(identifier)
+            self.num_free += self.sizes.pop(identifier)
+            del self.users[identifier]
+            self.queries -= 1
+        else:
             self.freeable[identifier] = None
+
+    def end_step(self) -> None:
+        """The step is scheduled: its reservations will be encoded."""
+        self.pending.clear()
 
     def holds(self, identifier: str, request_id: str) -> bool:
         return request_id in self.users.get(identifier, ())
@@ -88,6 +103,7 @@ class EncoderCacheManager:
         if any(self.users.values()):
             return False
         self.freed.extend(self.sizes)
+        self.pending.clear()
         self.sizes.clear()
         self.users.clear()
         self.freeable.clear()
@@ -100,7 +116,7 @@ class EncoderCacheManager:
         return sum(1 for users in self.users.values() if users)
 
     def check_invariants(self) -> None:
-        assert set(self.sizes) == set(self.users)
+        assert set(self.sizes) == set(self.users) and self.pending <= set(self.sizes)
         for identifier, users in self.users.items():
             assert (identifier in self.freeable) == (not users), identifier
         assert self.num_free == self.capacity - sum(self.sizes.values()) >= 0

@@ -119,6 +119,7 @@ class Scheduler:
         for item in out.scheduled:
             item.block_ids = self.kv.block_ids(item.request.request_id)
         if self.encoder_cache is not None:
+            self.encoder_cache.end_step()
             out.freed_encoder_ids = self.encoder_cache.take_freed()
         return out
 

@@ -23,6 +23,7 @@ def test_allocate_then_lookup_adds_users() -> None:
     assert "a" not in cache and cache.num_referenced == 0
     assert cache.can_allocate(25)
     cache.allocate("a", 25, "r1")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.check_invariants()
     assert cache.num_free == 75 and cache.holds("a", "r1") and not cache.holds("a", "r2")
     assert cache.lookup("a", "r2")  # encoded already: r2 shares it
@@ -31,9 +32,23 @@ def test_allocate_then_lookup_adds_users() -> None:
     cache.check_invariants()
 
 
+def test_a_reservation_given_up_in_its_own_step_leaves_nothing() -> None:
+    """A request that reserved an image but was not scheduled (no KV blocks, preempted):
+    the entry was never encoded, so it goes whole: no freeable entry, no query, no eviction
+    report."""
+    cache = EncoderCacheManager(100)
+    assert cache.can_allocate(25)
+    cache.allocate("a", 25, "r1")
+    cache.release("a", "r1")
+    assert "a" not in cache and cache.num_free == 100 and not cache.freeable
+    assert (cache.queries, cache.take_freed()) == (0, [])
+    cache.check_invariants()
+
+
 def test_release_makes_freeable_without_freeing_space() -> None:
     cache = EncoderCacheManager(100)
     cache.allocate("a", 25, "r1")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.lookup("a", "r2")
     cache.release("a", "r1")
     assert "a" not in cache.freeable and cache.num_referenced == 1  # r2 still needs it
@@ -51,12 +66,14 @@ def test_eviction_only_when_needed_oldest_first_reported_once() -> None:
     cache = EncoderCacheManager(100)
     for identifier in "abc":
         cache.allocate(identifier, 30, "r1")
+        cache.end_step()  # the step that reserved it was scheduled
     cache.release("b", "r1")
     cache.release("a", "r1")  # freeable, oldest first: b, a; c still referenced
     assert cache.can_allocate(10)  # fits in the free space: nothing evicted
     assert set(cache.sizes) == {"a", "b", "c"} and cache.take_freed() == []
     assert cache.can_allocate(40)  # needs one eviction: the oldest, b
     cache.allocate("d", 40, "r2")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.check_invariants()
     assert set(cache.sizes) == {"a", "c", "d"} and cache.num_free == 0
     assert cache.take_freed() == ["b"] and cache.take_freed() == []
@@ -69,7 +86,9 @@ def test_eviction_only_when_needed_oldest_first_reported_once() -> None:
 def test_a_hit_on_a_freeable_entry_revives_it() -> None:
     cache = EncoderCacheManager(60)
     cache.allocate("a", 30, "r1")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.allocate("b", 30, "r1")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.release("a", "r1")
     cache.release("b", "r1")
     assert cache.lookup("a", "r2")  # a leaves the freeable list: only b may be evicted
@@ -80,6 +99,7 @@ def test_a_hit_on_a_freeable_entry_revives_it() -> None:
     assert cache.take_freed() == ["b"]
     cache.release("a", "r2")  # released again, a is now the newest freeable entry
     cache.allocate("c", 30, "r3")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.release("c", "r3")
     assert list(cache.freeable) == ["a", "c"]
     cache.check_invariants()
@@ -88,7 +108,9 @@ def test_a_hit_on_a_freeable_entry_revives_it() -> None:
 def test_reset() -> None:
     cache = EncoderCacheManager(100)
     cache.allocate("a", 25, "r1")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.allocate("b", 25, "r2")
+    cache.end_step()  # the step that reserved it was scheduled
     cache.release("b", "r2")
     assert not cache.reset()  # a is referenced: nothing changes
     assert set(cache.sizes) == {"a", "b"} and cache.take_freed() == []
