@@ -64,36 +64,27 @@ class MediaLimits:
         defaults = cls()
         folder = None if allowed_local_media_path is None else Path(allowed_local_media_path)
         return cls(
-            max_image_bytes=_env_int("KVFLOW_MAX_IMAGE_BYTES", defaults.max_image_bytes),
-            max_image_pixels=_env_int("KVFLOW_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
-            fetch_timeout_s=_env_float("KVFLOW_IMAGE_FETCH_TIMEOUT", defaults.fetch_timeout_s),
+            max_image_bytes=_env_number("KVFLOW_MAX_IMAGE_BYTES", defaults.max_image_bytes, int),
+            max_image_pixels=_env_number("KVFLOW_MAX_IMAGE_PIXELS", defaults.max_image_pixels,
+                                          int),
+            fetch_timeout_s=_env_number("KVFLOW_IMAGE_FETCH_TIMEOUT", defaults.fetch_timeout_s,
+                                         float),
             allowed_local_media_path=folder,
         )
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any:
+    """A positive, finite `kind` from the environment variable `name`, else `default`."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={raw!r} is not {what}") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+        raise ValueError(f"{name} must be positive, got {raw!r}")
     return value
 
 
