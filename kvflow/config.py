@@ -307,6 +307,7 @@ class ModelConfig:
                     dtype: torch.dtype, device: torch.device, max_model_len: int | None,
                     seed: int, max_logprobs: int,
                     quantization: str | None = None) -> ModelConfig:
+        from kvflow.model.llama import sliding_window_of
         from kvflow.model.llava import image_token_id_of, text_config_of, tokens_per_image
         from kvflow.model.loader import architecture_of, load_hf_config
 
@@ -314,9 +315,13 @@ class ModelConfig:
         architecture_of(hf_config)  # an architecture kvflow does not run is refused by name
         text_config = text_config_of(hf_config)
         model_max = int(getattr(text_config, "max_position_embeddings", 2048))
+        window = sliding_window_of(text_config)
+        if window is not None:  # whole-context attention equals the window's up to its size
+            model_max = min(model_max, window)
         if max_model_len is not None and max_model_len > model_max:
+            why = f" (its sliding window: {window} tokens)" if model_max == window else ""
             raise ValueError(
-                f"max_model_len {max_model_len} exceeds the model's limit of {model_max}"
+                f"max_model_len {max_model_len} exceeds the model's limit of {model_max}{why}"
             )
         return cls(
             model=model or path.name, path=path,

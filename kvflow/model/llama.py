@@ -55,20 +55,26 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def check_config(config: Any) -> None:
-    """Refuse configs whose features this implementation would silently get wrong."""
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ModelLoadError(f"activation '{act}' is not supported; only 'silu' is")
+def sliding_window_of(config: Any) -> int | None:
+    """The attention window where it is shorter than the model's positions, else None.
+
+    kvflow attends over whole contexts, which equals sliding-window attention as long as a
+    sequence fits the window: ModelConfig caps max_model_len at it.
+    """
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None  # Qwen2 keeps a window size around but switches it off.
     max_positions = getattr(config, "max_position_embeddings", None)
     if window is not None and (max_positions is None or window < max_positions):
-        raise ModelLoadError(
-            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-            f"{max_positions}) is not supported"
-        )
+        return int(window)
+    return None
+
+
+def check_config(config: Any) -> None:
+    """Refuse configs whose features this implementation would silently get wrong."""
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"activation '{act}' is not supported; only 'silu' is")
     rope_parameters(config)  # raises for rope scaling types we do not implement
 
 

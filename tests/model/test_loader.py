@@ -135,11 +135,19 @@ def test_mistral_without_sliding_window_matches_transformers(tmp_path: Path) -> 
     torch.testing.assert_close(ours, hf_logits(tmp_path, PROMPT), atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_is_refused(tmp_path: Path) -> None:
+def test_sliding_window_caps_the_context(tmp_path: Path) -> None:
+    """Within its window, sliding-window attention is whole-context attention: the context
+    is capped at the window and the logits are transformers' (window 64 > the prompt)."""
+    from kvflow.config import EngineArgs
+
     config = tiny_config("mistral", "MistralForCausalLM", sliding_window=64)
     save_tiny(tmp_path, config, seed=2)
-    with pytest.raises(ModelLoadError, match="sliding"):
-        load_model(tmp_path, torch.float32, CPU)
+    ours = run_full_prompt(load_model(tmp_path, torch.float32, CPU), PROMPT)
+    torch.testing.assert_close(ours, hf_logits(tmp_path, PROMPT), atol=1e-4, rtol=1e-4)
+    args = dict(model=str(tmp_path), tokenizer=None, device="cpu", dtype="float32")
+    assert EngineArgs(**args).create_engine_config().model_config.max_model_len == 64
+    with pytest.raises(ValueError, match="sliding window: 64"):
+        EngineArgs(**args, max_model_len=65).create_engine_config()
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path: Path) -> None:
