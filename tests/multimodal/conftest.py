@@ -32,6 +32,15 @@ def siglip_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
                              tower="siglip", decoder="qwen2", seed=1)
 
 
+@pytest.fixture(scope="session")
+def siglip_mistral_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """SigLIP tower, Mistral decoder (its 4096-token sliding window beyond the 1024 positions),
+    two feature layers concatenated."""
+    return save_random_llava(tmp_path_factory.mktemp("siglip-mistral") / "model",
+                             tokenizer_dir, tower="siglip", decoder="mistral", seed=2,
+                             vision_feature_layer=[-2, -1])
+
+
 def _make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     """A fresh noise image: equal arguments give equal pixels (a new object each call)."""
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]

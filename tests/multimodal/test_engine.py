@@ -104,6 +104,13 @@ def test_batch_parity_with_transformers(make_llm: MakeLLM, folder: Path,
     assert_core_clean(llm.llm_engine.core)
 
 
+def test_mistral_decoder_parity(make_llm: MakeLLM, siglip_mistral_dir: Path,
+                                images: dict[str, Image.Image], hf_greedy: HFReference) -> None:
+    llm = make_llm(siglip_mistral_dir)
+    assert_parity(hf_greedy, siglip_mistral_dir, BATCH, images, run_cases(llm, BATCH, images))
+    assert_core_clean(llm.llm_engine.core)
+
+
 # ---- 2. chunked prefill, preemption, prefix caching -----------------------------------
 def test_chunked_prefill_splits_placeholders(make_llm: MakeLLM, folder: Path,
                                              images: dict[str, Image.Image],
