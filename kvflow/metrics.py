@@ -79,6 +79,10 @@ class ServerMetrics:
                                     "Fraction of KV-cache blocks in use (1 = full)")
         self.prefix_hit_rate = gauge("kvflow:prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start")
+        self.mm_cache_hit_rate = gauge("kvflow:mm_cache_hit_rate",
+                                       "Processor-cache hits / lookups since start (images)")
+        self.mm_encoder_hit_rate = gauge("kvflow:mm_encoder_cache_hit_rate",
+                                         "Encoder-cache hits / lookups since start (images)")
         self.frontend_requests = gauge(
             "kvflow:frontend_requests",
             "Requests the server's engine client holds state for (n > 1: each child)")
@@ -129,6 +133,8 @@ class ServerMetrics:
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
         for field, counter in self.stat_counters.items():
             self._advance(field, counter, int(getattr(stats, field)))
+        queries = stats.mm_encoder_cache_queries
+        self.mm_encoder_hit_rate.set(stats.mm_encoder_cache_hits / queries if queries else 0.0)
         if self.lora is not None:
             self.lora.update(stats.running_lora_adapters, stats.waiting_lora_adapters,
                              stats.max_lora, lora_names)
@@ -143,6 +149,8 @@ class ServerMetrics:
         self.frontend_requests.set(num_tracked)
         for field, total in (mm_totals or {}).items():
             self._advance(field, self.frontend_counters[field], total)
+        if mm_totals and mm_totals["cache_queries"]:
+            self.mm_cache_hit_rate.set(mm_totals["cache_hits"] / mm_totals["cache_queries"])
 
     def overloaded(self) -> None:
         self.rejected_overload.inc()
