@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -323,6 +324,11 @@ def test_image_metrics_count_what_was_sent(server: RemoteServer, sent: set[bytes
     assert after["kvflow:mm_images_encoded_total"] == len(sent)
     assert after["kvflow:mm_images_processed_total"] == len(sent)
     assert after["kvflow:mm_cache_hits_total"] > 0
+    text = httpx.get(server.url("/metrics"), timeout=10).text
+    for gauge in ("kvflow:mm_cache_hit_rate", "kvflow:mm_encoder_cache_hit_rate"):
+        value = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith(gauge + "{"))
+        assert 0 < value < 1, (gauge, value)
     assert_no_leaks(server)
 
 
