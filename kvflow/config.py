@@ -77,6 +77,8 @@ class EngineArgs:
         4.0, "GiB of preprocessed images cached in the client by content hash (0: off)")
     allowed_local_media_path: str | None = _arg(
         None, "folder whose images file:// URLs may read (default: file:// refused)")
+    enable_sleep_mode: bool = _arg(
+        False, "allow sleep(level) / wake_up(): free the KV cache (1) and the weights (2)")
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -121,6 +123,7 @@ class EngineArgs:
             model_config=model_config, cache_config=cache, scheduler_config=scheduler,
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
+            enable_sleep_mode=self.enable_sleep_mode,
         )
 
     def _mm_config(self, model_config: ModelConfig) -> MultiModalConfig | None:
@@ -409,6 +412,7 @@ class EngineConfig:
     num_threads: int | None = None
     lora_config: LoRAConfig | None = None
     mm_config: MultiModalConfig | None = None
+    enable_sleep_mode: bool = False
 
 
 @dataclass

@@ -42,6 +42,7 @@ class AsyncLLM:
         self.parents: dict[str, ParentRequest] = {}
         self.held: list[EngineCoreRequest] = []  # requests that arrived while paused
         self._paused = False
+        self._sleeping = False  # sleep() paused the client: wake_up() resumes it
         self._idle = asyncio.Event()  # set whenever no request is in flight
         self._output_task: asyncio.Task[None] | None = None
         self._shutdown = False
@@ -317,6 +318,40 @@ class AsyncLLM:
 
     async def is_paused(self) -> bool:
         return self._paused
+
+    # ---- sleep mode -------------------------------------------------------------------------
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1: the prefix cache too) and at level 2 the weights.
+
+        In-flight requests finish first; requests that arrive while asleep wait, held in
+        this client, and run after wake_up(). Needs enable_sleep_mode=True."""
+        self._check_alive()
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with enable_sleep_mode=True")
+        if isinstance(level, bool) or level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        we_paused = not self._paused  # a pause the caller made outlives the sleep
+        await self.pause_generation(mode="wait", clear_cache=False)
+        try:
+            await self.engine_core.call_utility("sleep", level)
+        except BaseException:
+            if we_paused:
+                await self.resume_generation()
+            raise
+        self._sleeping = self._sleeping or we_paused
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore the weights and the KV cache (or only the given tags: "weights",
+        "kv_cache"); once both are back, held requests run."""
+        self._check_alive()
+        await self.engine_core.call_utility("wake_up", tags)
+        if self._sleeping and not await self.is_sleeping():
+            self._sleeping = False
+            await self.resume_generation()
+
+    async def is_sleeping(self) -> bool:
+        self._check_alive()
+        return bool(await self.engine_core.call_utility("is_sleeping"))
 
     # ---- health and introspection ---------------------------------------------------------
     def _check_alive(self) -> None:

@@ -42,6 +42,7 @@ class EngineCore:
         mc = config.model_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv, mc.max_model_len)
         self.paused = False
+        self.sleeping: set[str] = set()  # what sleep() freed: "weights", "kv_cache"
         self._seq = 0
         self.structured: StructuredOutputManager | None = None  # made at the first grammar
         self.loras: LoRACache | None = self._lora_cache()
@@ -122,7 +123,7 @@ class EngineCore:
         return ended
 
     def has_work(self) -> bool:
-        return not self.paused and self.scheduler.has_schedulable_requests()
+        return not self.paused and not self.sleeping and self.scheduler.has_schedulable_requests()
 
     def step(self) -> EngineCoreOutputs:
         if not self.has_work():
@@ -144,6 +145,40 @@ class EngineCore:
 
     def resume(self) -> None:
         self.paused = False
+
+    # ---- sleep mode (utility calls) -------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1; the prefix cache's index goes with it, so no stale
+        hash can point at discarded KV) and at level 2 the weights too. Only with no request
+        in the core: AsyncLLM drains (and holds new requests) first."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with enable_sleep_mode=True")
+        if isinstance(level, bool) or level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.scheduler.requests:
+            raise ValueError(f"cannot sleep with {len(self.scheduler.requests)} requests in "
+                             "the engine: let them finish or abort them first")
+        if self.sleeping and level == 1:
+            return
+        assert self.kv.reset_prefix_cache()  # every block is free: no request holds one
+        self.reset_mm_cache()
+        self.runner.sleep(level)
+        self.sleeping = {"kv_cache", "weights"} if level == 2 else self.sleeping | {"kv_cache"}
+        logger.info("sleeping at level %d: %s freed", level, " and ".join(sorted(self.sleeping)))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what sleep freed: both, or only the tags given ("weights", "kv_cache")."""
+        wanted = {"weights", "kv_cache"} if tags is None else set(tags)
+        unknown = wanted - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(unknown)}")
+        self.runner.wake_up(wanted & self.sleeping)
+        self.sleeping -= wanted
+        logger.info("awake%s", f" except {', '.join(sorted(self.sleeping))}" if self.sleeping
+                    else "")
+
+    def is_sleeping(self) -> bool:
+        return bool(self.sleeping)
 
     def get_stats(self) -> SchedulerStats:
         stats = self.scheduler.stats()

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 # Methods of EngineCore a client may call by name.
 UTILITY_METHODS = frozenset(
     {"pause", "resume", "get_stats", "reset_prefix_cache", "num_unfinished_requests",
-     "add_lora", "remove_lora", "list_loras", "pin_lora"}
+     "add_lora", "remove_lora", "list_loras", "pin_lora", "reset_mm_cache", "sleep",
+     "wake_up", "is_sleeping"}
 )
 
 InputItem = tuple[RequestType, Any]

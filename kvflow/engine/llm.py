@@ -101,6 +101,18 @@ class LLM:
         limits = MediaLimits.from_env(mm.allowed_local_media_path if mm else None)
         return [load_image_sync(i, limits) if isinstance(i, str) else i for i in images]
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1; the prefix cache too) and at level 2 the weights;
+        generate() refuses while asleep. Needs enable_sleep_mode=True."""
+        self.llm_engine.core.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore the weights and the KV cache (or only "weights" / "kv_cache")."""
+        self.llm_engine.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.core.is_sleeping()
+
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self.llm_engine.add_lora(lora_request)
 

@@ -37,6 +37,8 @@ class LLMEngine:
         """Validate and queue one request (n > 1 fans out to n child requests)."""
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")
+        if self.core.sleeping:
+            raise ValueError("the engine is asleep: call wake_up() first")
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
                 raise ValueError(

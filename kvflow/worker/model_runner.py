@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import math
 import sys
@@ -43,6 +44,7 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig) -> None:
         mc = config.model_config
+        self.config = config
         self.device = mc.device
         self.dtype = mc.dtype
         if self.device.type == "cpu":
@@ -53,16 +55,10 @@ class ModelRunner:
         self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
         self.encoder_runner = self._encoder_runner(config)
         self.num_blocks = self._count_blocks(config, start)
-        shape = kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads,
-                               self.model.head_dim)
-        # one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-        if self.device.type == "cpu":  # cache in huge pages like the weights; leftovers freed
-            self.kv_caches = [hugepages.zeros(math.prod(shape), mc.dtype).view(shape)
-                              for _ in range(self.model.num_layers)]
-            hugepages.release_freed_memory()
-        else:
-            self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=mc.device)
-                              for _ in range(self.model.num_layers)]
+        self.kv_shape = kv_cache_shape(self.num_blocks, self.block_size,
+                                       self.model.num_kv_heads, self.model.head_dim)
+        self.num_layers = self.model.num_layers
+        self.kv_caches = self._allocate_kv_caches()
         self.sampler = Sampler()
         self.lora_slots = self._lora_slots(config)
         # Rotary, the cache write and decode attention in C on the CPU (float32 or bfloat16),
@@ -70,6 +66,42 @@ class ModelRunner:
         self.cpu_kernel = (self.device.type == "cpu"
                            and self.dtype in (torch.float32, torch.bfloat16)
                            and cpu_kernels.load() is not None)
+
+    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+        """One zeroed tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = self.kv_shape
+        if self.device.type == "cpu":  # cache in huge pages like the weights; leftovers freed
+            caches = [hugepages.zeros(math.prod(shape), self.dtype).view(shape)
+                      for _ in range(self.num_layers)]
+            hugepages.release_freed_memory()
+            return caches
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.num_layers)]
+
+    # ---- sleep mode ----------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Free the KV cache (level 1), and the weights too (level 2): their memory goes
+        back to the system (CPU: the huge-page mappings are unmapped)."""
+        self.kv_caches = []
+        if level >= 2:
+            del self.model
+            self.encoder_runner = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            hugepages.release_freed_memory()
+
+    def wake_up(self, tags: set[str]) -> None:
+        """Restore what sleep freed: "weights" reloads them from the model folder (the same
+        bytes as at start), "kv_cache" allocates a zeroed cache of the same size."""
+        if "weights" in tags and not hasattr(self, "model"):
+            mc = self.config.model_config
+            self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+            self.encoder_runner = self._encoder_runner(self.config)
+            self.lora_slots = self._lora_slots(self.config)  # hooked into the new layers
+        if "kv_cache" in tags and not self.kv_caches:
+            self.kv_caches = self._allocate_kv_caches()
 
     def _encoder_runner(self, config: EngineConfig) -> EncoderRunner | None:
         """The vision tower of a LLaVA model. On a CPU without bf16 arithmetic it runs in

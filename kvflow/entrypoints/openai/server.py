@@ -240,6 +240,49 @@ def runtime_lora_updating() -> bool:
     return os.environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
 
 
+# ---- development endpoints (KVFLOW_SERVER_DEV_MODE=1, as vLLM's VLLM_SERVER_DEV_MODE) ------
+DEV_MODE_ENV = "KVFLOW_SERVER_DEV_MODE"
+dev_router = APIRouter()
+
+
+def dev_mode() -> bool:
+    return os.environ.get(DEV_MODE_ENV, "0").strip().lower() in ("1", "true")
+
+
+async def _engine_call(work: Awaitable[Any], param: str | None = None) -> None:
+    """An engine control call: a ValueError (bad argument, sleep mode off) is a 400."""
+    try:
+        await work
+    except ValueError as exc:
+        raise OpenAIError(str(exc), 400, param) from exc
+
+
+@dev_router.post("/sleep", response_class=Response, responses=EMPTY_OK)
+async def sleep(raw: Request, level: int = 1) -> Response:
+    """Free the KV cache (level 1) and the weights (level 2); requests wait for wake_up."""
+    await _engine_call(_ctx(raw).engine.sleep(level), "level")
+    return Response(status_code=200)
+
+
+@dev_router.post("/wake_up", response_class=Response, responses=EMPTY_OK)
+async def wake_up(raw: Request) -> Response:
+    """Restore the weights and the KV cache (or only ?tags=weights / ?tags=kv_cache)."""
+    tags = raw.query_params.getlist("tags") or None
+    await _engine_call(_ctx(raw).engine.wake_up(tags), "tags")
+    return Response(status_code=200)
+
+
+@dev_router.get("/is_sleeping")
+async def is_sleeping(raw: Request) -> dict[str, bool]:
+    return {"is_sleeping": await _ctx(raw).engine.is_sleeping()}
+
+
+@dev_router.post("/reset_prefix_cache", response_class=Response, responses=EMPTY_OK)
+async def reset_prefix_cache(raw: Request) -> Response:
+    await _engine_call(_ctx(raw).engine.reset_prefix_cache())
+    return Response(status_code=200)
+
+
 class APIKeyMiddleware:
     """401 for any request without `Authorization: Bearer <key>` (except OPEN_PATHS)."""
 
@@ -277,6 +320,10 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         logger.warning("%s is set: clients may load and unload LoRA adapters from local "
                        "folders", RUNTIME_LORA_ENV)
         app.include_router(runtime_lora_router)
+    if dev_mode():
+        logger.warning("%s is set: clients may put the engine to sleep and reset its caches",
+                       DEV_MODE_ENV)
+        app.include_router(dev_router)
     add_body_schemas(app, BODY_MODELS)
     install_error_handlers(app)
     if api_key:
