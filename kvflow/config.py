@@ -77,6 +77,13 @@ class EngineArgs:
         4.0, "GiB of preprocessed images cached in the client by content hash (0: off)")
     allowed_local_media_path: str | None = _arg(
         None, "folder whose images file:// URLs may read (default: file:// refused)")
+    kv_offloading_size: float | None = _arg(
+        None, "GiB of host memory for a second KV tier: evicted prefix blocks are kept there "
+        "and loaded back instead of recomputed (default: off)")
+    kv_offloading_backend: str = _arg("native", "second KV tier backend", choices=["native"])
+    kv_offloading_path: str | None = _arg(
+        None, "folder for the second tier's disk level (survives restarts; default: none)")
+    kv_offloading_disk_size: float = _arg(16.0, "GiB of block files in kv_offloading_path")
     enable_sleep_mode: bool = _arg(
         False, "allow sleep(level) / wake_up(): free the KV cache (1) and the weights (2)")
 
@@ -108,7 +115,7 @@ class EngineArgs:
         cache = CacheConfig(
             block_size=self.block_size, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, num_kv_blocks=self.num_kv_blocks,
-            enable_prefix_caching=self.enable_prefix_caching,
+            enable_prefix_caching=self.enable_prefix_caching, **self._offloading(),
         )
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
@@ -125,6 +132,30 @@ class EngineArgs:
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
             enable_sleep_mode=self.enable_sleep_mode,
         )
+
+    def _offloading(self) -> dict[str, Any]:
+        """The second KV tier's CacheConfig fields (vLLM's kv_offloading_* names)."""
+        size = self.kv_offloading_size
+        if size is None:
+            if self.kv_offloading_path is not None:
+                raise ValueError("kv_offloading_path needs kv_offloading_size (GiB of host "
+                                 "memory for the second KV tier)")
+            return {}
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+            raise ValueError(f"kv_offloading_size must be > 0 GiB, got {size!r}")
+        if self.kv_offloading_backend != "native":
+            raise ValueError(f"kv_offloading_backend must be 'native', got "
+                             f"{self.kv_offloading_backend!r}")
+        if not self.enable_prefix_caching:
+            raise ValueError("the second KV tier keeps prefix-cache blocks: it needs "
+                             "enable_prefix_caching")
+        if not self.kv_offloading_disk_size > 0:
+            raise ValueError(f"kv_offloading_disk_size must be > 0 GiB, got "
+                             f"{self.kv_offloading_disk_size!r}")
+        path = self.kv_offloading_path
+        return {"kv_offloading_bytes": int(size * 2**30),
+                "kv_offloading_path": Path(path).expanduser() if path else None,
+                "kv_offloading_disk_bytes": int(self.kv_offloading_disk_size * 2**30)}
 
     def _mm_config(self, model_config: ModelConfig) -> MultiModalConfig | None:
         """Image settings of a LLaVA model; None for a text-only model (images refused)."""
@@ -363,6 +394,10 @@ class CacheConfig:
     gpu_memory_utilization: float
     num_kv_blocks: int | None
     enable_prefix_caching: bool
+    # the second KV tier: host memory (0: off) and an optional disk level
+    kv_offloading_bytes: int = 0
+    kv_offloading_path: Path | None = None
+    kv_offloading_disk_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class Request:
         "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
         "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
+        "kv_loads",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -86,6 +87,7 @@ class Request:
         self.grammar: GrammarState | None = None
         # Images, in prompt order: each one's content hash and placeholder span
         self.mm_features: list[MultiModalFeature] = req.mm_features or []
+        self.kv_loads = 0  # times blocks were loaded back from the second KV tier for it
 
     @property
     def num_tokens(self) -> int:

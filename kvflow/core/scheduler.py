@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvflow.config import SchedulerConfig
 from kvflow.core.encoder_cache import EncoderCacheManager
@@ -19,6 +20,9 @@ from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
 from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, SchedulerStats
+
+if TYPE_CHECKING:
+    from kvflow.kv_offload.manager import OffloadManager
 
 
 @dataclass(slots=True)
@@ -59,6 +63,9 @@ class StepResult:
 
 # Steps a request may be passed by later ones because its LoRA adapter has no slot.
 LORA_MAX_SKIPS = 16
+# Loads from the second KV tier per request (more would mean its blocks keep being evicted
+# between the load and its admission: it recomputes instead).
+MAX_KV_LOADS = 2
 
 
 class Scheduler:
@@ -76,6 +83,10 @@ class Scheduler:
         self.num_generation_tokens = 0
         self.num_steps = 0
         # image embeddings (LLaVA models): what the runner keeps, and this step's budget
+        # the second KV tier (set by the core) and the requests waiting for its loads:
+        # request id -> (request, blocks being loaded, their hashes)
+        self.offload: OffloadManager | None = None
+        self.loading: dict[str, tuple[Request, list[int], list[int]]] = {}
         self.encoder_cache = EncoderCacheManager(
             max(config.encoder_cache_size, config.encoder_budget)) if config.encoder_budget \
             else None
@@ -92,7 +103,11 @@ class Scheduler:
             request = self.requests.pop(request_id, None)
             if request is None:
                 continue
-            if request.status == RequestStatus.RUNNING:
+            if request_id in self.loading:  # its copies finish first: they write its blocks
+                assert self.offload is not None
+                self._end_load(request_id, self.offload.wait(request_id))
+                self.waiting.remove(request)
+            elif request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             else:
                 self.waiting.remove(request)
@@ -106,11 +121,14 @@ class Scheduler:
         return bool(self.requests)
 
     def has_schedulable_requests(self) -> bool:
-        return bool(self.running) or bool(self.waiting)
+        return bool(self.running) or bool(self.waiting) or bool(self.loading)
 
     # ---- scheduling ------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.offload is not None:
+            for request_id, loaded in self.offload.finished_loads():
+                self._end_load(request_id, loaded)
         budget = self.config.max_num_batched_tokens
         self.encoder_budget = self.config.encoder_budget
         budget, preempted = self._schedule_running(out, budget)
@@ -217,6 +235,11 @@ class Scheduler:
                     break
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            tier2 = self._second_tier_hits(request, len(hit_blocks))
+            if tier2:  # load those blocks first; the request is admitted once they are back
+                if not self._start_load(request, hit_blocks, tier2):
+                    break
+                continue
             num_new = request.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
@@ -238,6 +261,33 @@ class Scheduler:
                 active.add(request.lora.uid)
         for request in reversed(skipped):
             self.waiting.add_front(request)
+
+    # ---- the second KV tier ------------------------------------------------------------
+    def _second_tier_hits(self, request: Request, num_hit_blocks: int) -> list[int]:
+        """Hashes of the blocks after the prefix hits that the second tier holds."""
+        if (self.offload is None or request.kv_loads >= MAX_KV_LOADS
+                or not request.block_hashes):  # (no hashes: prompt logprobs, caching off)
+            return []
+        limit = (request.num_tokens - 1) // self.kv.block_size  # the last token is computed
+        wanted = request.block_hashes[num_hit_blocks:limit]
+        return wanted[:self.offload.count_hits(wanted)]
+
+    def _start_load(self, request: Request, hit_blocks: list[int], hashes: list[int]) -> bool:
+        assert self.offload is not None
+        block_ids = self.kv.allocate_for_load(request, hit_blocks, len(hashes))
+        if block_ids is None:
+            return False
+        self.waiting.pop()
+        request.kv_loads += 1
+        self.loading[request.request_id] = (request, block_ids, hashes)
+        self.offload.start_load(request.request_id, list(zip(block_ids, hashes, strict=True)))
+        return True
+
+    def _end_load(self, request_id: str, loaded: bool) -> None:
+        """Loaded blocks join the prefix cache; the request waits at the front again."""
+        request, block_ids, hashes = self.loading.pop(request_id)
+        self.kv.finish_load(request, block_ids, hashes, loaded)
+        self.waiting.add_front(request)
 
     # ---- after the forward pass --------------------------------------------------------
     def update_from_output(

@@ -19,6 +19,7 @@ from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, Schedul
 from kvflow.lora.request import LoRARequest
 
 if TYPE_CHECKING:
+    from kvflow.kv_offload.manager import OffloadManager
     from kvflow.lora.adapter import LoRAAdapter
     from kvflow.lora.manager import LoRACache
     from kvflow.structured.manager import StructuredOutputManager
@@ -46,6 +47,7 @@ class EngineCore:
         self._seq = 0
         self.structured: StructuredOutputManager | None = None  # made at the first grammar
         self.loras: LoRACache | None = self._lora_cache()
+        self.offload: OffloadManager | None = self._offload()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); up to %.2f sequences of %d tokens",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
@@ -62,6 +64,25 @@ class EngineCore:
         hf_config = self.config.model_config.hf_config or {}
         shapes = LoRAShapes.from_hf_config(hf_config.get("text_config") or hf_config)
         return LoRACache(shapes, lc.max_lora_rank, lc.max_cpu_loras, lc.dtype)
+
+    def _offload(self) -> OffloadManager | None:
+        """The second KV tier, hooked into the prefix cache's evictions."""
+        cc = self.config.cache_config
+        if not cc.kv_offloading_bytes:
+            return None
+        from kvflow.kv_offload.manager import OffloadConfig, OffloadManager, model_key
+
+        mc = self.config.model_config
+        key = model_key(mc.path, mc.dtype, (self.runner.num_layers, *self.runner.kv_shape[2:]))
+        offload = OffloadManager(
+            OffloadConfig(cc.kv_offloading_bytes, cc.kv_offloading_path,
+                          cc.kv_offloading_disk_bytes),
+            lambda: self.runner.kv_caches, key)
+        self.kv.on_evict = offload.store
+        self.scheduler.offload = offload
+        logger.info("second KV tier: %.2f GiB of host memory%s", cc.kv_offloading_bytes / 2**30,
+                    f", disk level in {offload.disk.folder}" if offload.disk else "")
+        return offload
 
     @property
     def num_blocks(self) -> int:
@@ -160,6 +181,10 @@ class EngineCore:
                              "the engine: let them finish or abort them first")
         if self.sleeping and level == 1:
             return
+        if self.offload is not None:  # the prefix cache spills to the second tier
+            for block_hash, block_id in list(self.kv.cached.items()):
+                self.offload.store(block_id, block_hash)
+            self.offload.flush()
         assert self.kv.reset_prefix_cache()  # every block is free: no request holds one
         self.reset_mm_cache()
         self.runner.sleep(level)
@@ -184,6 +209,14 @@ class EngineCore:
         stats = self.scheduler.stats()
         if self.runner.encoder_runner is not None:
             stats.mm_images_encoded = self.runner.encoder_runner.num_images_encoded
+        if self.offload is not None:
+            o = self.offload.stats
+            stats.kv_offload_hit_blocks = o.hit_blocks
+            stats.kv_offload_blocks_stored, stats.kv_offload_blocks_loaded = (
+                o.blocks_stored, o.blocks_loaded)
+            stats.kv_offload_bytes_stored, stats.kv_offload_bytes_loaded = (
+                o.bytes_stored, o.bytes_loaded)
+            stats.kv_offload_load_seconds = o.load_seconds
         return stats
 
     def reset_prefix_cache(self) -> bool:

@@ -101,6 +101,14 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     mm_encoder_cache_queries: int = 0
     mm_encoder_cache_hits: int = 0
     mm_images_encoded: int = 0
+    # the second KV tier: blocks found there for admitted requests, stored, loaded, bytes
+    # moved (stored includes disk writes), seconds spent loading; since start
+    kv_offload_hit_blocks: int = 0
+    kv_offload_blocks_stored: int = 0
+    kv_offload_blocks_loaded: int = 0
+    kv_offload_bytes_stored: int = 0
+    kv_offload_bytes_loaded: int = 0
+    kv_offload_load_seconds: float = 0.0
 
 
 class UtilityOutput(msgspec.Struct, array_like=True):
