@@ -46,6 +46,16 @@ _STAT_COUNTERS = {
                                  "Images looked up in the encoder cache"),
     "mm_encoder_cache_hits": ("kvflow:mm_encoder_cache_hits",
                               "Images whose embeddings the encoder cache held"),
+    "kv_offload_hit_blocks": ("kvflow:kv_offload_hit_blocks",
+                              "Prefix blocks found in the second KV tier for admitted requests"),
+    "kv_offload_blocks_stored": ("kvflow:kv_offload_blocks_stored",
+                                 "Blocks copied into the second KV tier (evicted prefix blocks)"),
+    "kv_offload_blocks_loaded": ("kvflow:kv_offload_blocks_loaded",
+                                 "Blocks loaded back from the second KV tier"),
+    "kv_offload_bytes_stored": ("kvflow:kv_offload_bytes_stored",
+                                "Bytes written to the second KV tier (host memory and disk)"),
+    "kv_offload_bytes_loaded": ("kvflow:kv_offload_bytes_loaded",
+                                "Bytes loaded back from the second KV tier"),
 }
 # The client's processor-cache totals (vLLM's mm_cache_* names) → Prometheus counters.
 _FRONTEND_COUNTERS = {
@@ -83,6 +93,9 @@ class ServerMetrics:
                                        "Processor-cache hits / lookups since start (images)")
         self.mm_encoder_hit_rate = gauge("kvflow:mm_encoder_cache_hit_rate",
                                          "Encoder-cache hits / lookups since start (images)")
+        self.kv_offload_load_time = gauge("kvflow:kv_offload_load_seconds",
+                                          "Seconds spent loading blocks from the second KV "
+                                          "tier, since start")
         self.frontend_requests = gauge(
             "kvflow:frontend_requests",
             "Requests the server's engine client holds state for (n > 1: each child)")
@@ -133,6 +146,7 @@ class ServerMetrics:
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
         for field, counter in self.stat_counters.items():
             self._advance(field, counter, int(getattr(stats, field)))
+        self.kv_offload_load_time.set(stats.kv_offload_load_seconds)
         queries = stats.mm_encoder_cache_queries
         self.mm_encoder_hit_rate.set(stats.mm_encoder_cache_hits / queries if queries else 0.0)
         if self.lora is not None:

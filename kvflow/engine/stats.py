@@ -42,6 +42,9 @@ def format_stats(cur: SchedulerStats, prev: SchedulerStats | None, elapsed: floa
         f"KV cache usage: {100 * cur.kv_cache_usage:.1f}%, "
         f"prefix cache hit rate: {hit_rate:.1f}%, preemptions: {cur.num_preemptions}"
     )
+    if cur.kv_offload_blocks_stored:  # the second KV tier is on and in use
+        loaded = cur.kv_offload_blocks_loaded - (prev.kv_offload_blocks_loaded if prev else 0)
+        line += f", second KV tier: {loaded} blocks loaded"
     if cur.mm_encoder_cache_queries:  # an image model that has seen images
         rate = 100.0 * cur.mm_encoder_cache_hits / cur.mm_encoder_cache_queries
         line += f", images encoded: {cur.mm_images_encoded}, encoder cache hit rate: {rate:.1f}%"
