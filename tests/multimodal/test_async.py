@@ -70,14 +70,15 @@ async def test_concurrent_repeats_encode_each_image_once(engine: AsyncLLM,
 async def test_cancelled_image_stream_leaves_nothing(engine: AsyncLLM, make_image) -> None:
     prompt = {"prompt": TWO, "multi_modal_data": {"image": [make_image(40, 40, seed=7),
                                                             make_image(41, 40, seed=8)]}}
-    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+    started = asyncio.Event()
 
     async def consume() -> None:
         async for _ in engine.generate(prompt, params, "cancel-me"):
-            pass
+            started.set()  # past the image's prefill: cancelled while decoding
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.3)  # mid-prefill or decoding
+    await asyncio.wait_for(started.wait(), 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
