@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,9 @@ class EngineCore:
         self.structured: StructuredOutputManager | None = None  # made at the first grammar
         self.loras: LoRACache | None = self._lora_cache()
         self.offload: OffloadManager | None = self._offload()
+        self._shut_down = False
+        if self.offload is not None and self.offload.disk is not None:
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); up to %.2f sequences of %d tokens",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
@@ -151,6 +156,8 @@ class EngineCore:
             return EngineCoreOutputs([], time.time())
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.scheduled:
+            if self.offload is not None and self.scheduler.loading:
+                self.offload.wait_any(timeout=0.05)  # only loads in flight: wait, not spin
             return EngineCoreOutputs([], time.time())
         structured = self.structured if self.structured and self.structured.live else None
         result = self.runner.execute(scheduler_output, structured)
@@ -181,10 +188,7 @@ class EngineCore:
                              "the engine: let them finish or abort them first")
         if self.sleeping and level == 1:
             return
-        if self.offload is not None:  # the prefix cache spills to the second tier
-            for block_hash, block_id in list(self.kv.cached.items()):
-                self.offload.store(block_id, block_hash)
-            self.offload.flush()
+        self.spill_prefix_cache()
         assert self.kv.reset_prefix_cache()  # every block is free: no request holds one
         self.reset_mm_cache()
         self.runner.sleep(level)
@@ -201,6 +205,37 @@ class EngineCore:
         self.sleeping -= wanted
         logger.info("awake%s", f" except {', '.join(sorted(self.sleeping))}" if self.sleeping
                     else "")
+
+    def spill_prefix_cache(self, budget_s: float = float("inf"), write_now: bool = False) -> int:
+        """Copy the prefix cache's blocks the second tier lacks into it (and to disk), within
+        `budget_s` seconds; returns the blocks stored. Sleep and shutdown do this, so the
+        blocks every request shares (never evicted) reach the disk level too."""
+        if self.offload is None:
+            return 0
+        deadline = time.monotonic() + budget_s
+        stored = 0
+        for block_hash, block_id in list(self.kv.cached.items()):
+            if time.monotonic() > deadline:
+                break
+            if not self.offload.contains(block_hash):
+                self.offload.store(block_id, block_hash, write_now)
+                stored += 1
+        self.offload.flush()
+        return stored
+
+    def shutdown(self) -> None:
+        """Before the engine stops: the prefix cache goes to the disk level (a restart finds
+        it), within a few seconds. Runs once: at the engine loop's end, or at interpreter
+        exit for an engine in this process (LLM)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        if self.offload is not None and self.offload.disk is not None:
+            self.offload.flush()  # queued writes first, then the rest in this thread
+            stored = self.spill_prefix_cache(budget_s=3.0, write_now=True)
+            logger.info("second KV tier: %d cached blocks written before shutdown", stored)
+        if self.offload is not None:
+            self.offload.close()
 
     def is_sleeping(self) -> bool:
         return bool(self.sleeping)
@@ -269,3 +304,9 @@ class EngineCore:
         if self.loras is None:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
         return self.loras.pin(lora_id)
+
+
+def _shutdown_at_exit(core: weakref.ref[EngineCore]) -> None:
+    alive = core()
+    if alive is not None:
+        alive.shutdown()

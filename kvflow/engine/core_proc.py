@@ -84,6 +84,7 @@ class BusyLoop:
                     if self.core.config.log_stats:
                         outputs.scheduler_stats = self.core.get_stats()
                     self.send(outputs)
+        self.core.shutdown()  # told to stop (a failure skips this: nothing is saved then)
 
     def _handle(self, item: InputItem) -> None:
         kind, payload = item

@@ -13,13 +13,14 @@ model's files are never read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,9 @@ class OffloadManager:
         self.stats = OffloadStats()
 
     # ---- store (step thread, at eviction) ----------------------------------------------
-    def store(self, block_id: int, block_hash: int) -> None:
-        """Copy a block out of the KV cache before it is reused."""
+    def store(self, block_id: int, block_hash: int, write_now: bool = False) -> None:
+        """Copy a block out of the KV cache before it is reused (`write_now`: its disk write
+        in this thread, as at shutdown, when the writer thread may be gone)."""
         with self.lock:
             if block_hash in self.host:
                 self.host.move_to_end(block_hash)
@@ -107,7 +109,9 @@ class OffloadManager:
                 self.host_size -= old.numel() * old.element_size()
         self.stats.blocks_stored += 1
         self.stats.bytes_stored += nbytes
-        if self.disk is not None:  # written through, so a restart finds it
+        if self.disk is not None and write_now:
+            self._write(block_hash, block)
+        elif self.disk is not None:  # written through, so a restart finds it
             self.writer.submit(self._write, block_hash, block)
 
     def _write(self, block_hash: int, block: torch.Tensor) -> None:
@@ -133,18 +137,23 @@ class OffloadManager:
 
     def _load(self, blocks: list[tuple[int, int]]) -> bool:
         start = time.perf_counter()
-        caches = self.kv_caches()
-        for block_id, block_hash in blocks:
+        found = []
+        for _, block_hash in blocks:
             with self.lock:
                 block = self.host.get(block_hash)
             if block is None and self.disk is not None:
                 block = self.disk.read(block_hash)
             if block is None:
                 return False  # evicted (or a bad file) meanwhile: the request recomputes
-            for layer, cache in enumerate(caches):
-                cache[:, block_id].copy_(block[layer], non_blocking=False)
-            self.stats.blocks_loaded += 1
-            self.stats.bytes_loaded += block.numel() * block.element_size()
+            found.append(block)
+        # one copy per layer for the whole load: each op takes the GIL, which the step
+        # thread holds most of the time
+        stacked = torch.stack(found, dim=2)  # [L, 2, n, bs, h, d]
+        ids = torch.tensor([block_id for block_id, _ in blocks])
+        for layer, cache in enumerate(self.kv_caches()):
+            cache.index_copy_(1, ids.to(cache.device), stacked[layer].to(cache.device))
+        self.stats.blocks_loaded += len(found)
+        self.stats.bytes_loaded += stacked.numel() * stacked.element_size()
         self.stats.load_seconds += time.perf_counter() - start
         return True
 
@@ -155,6 +164,15 @@ class OffloadManager:
             del self.loads[rid]
         return [(rid, bool(f.result())) for rid, f in done]
 
+    def wait_any(self, timeout: float) -> None:
+        """Block until some load is done (or `timeout` s): an engine with nothing else to do
+        waits here instead of spinning, which would starve the load thread of the GIL."""
+        if self.loads:
+            wait(list(self.loads.values()), timeout, return_when=FIRST_COMPLETED)
+
+    def contains(self, block_hash: int) -> bool:
+        return self.count_hits([block_hash]) == 1
+
     def wait(self, request_id: str) -> bool:
         """Block until the request's load is done (an abort waits for its copies)."""
         future = self.loads.pop(request_id, None)
@@ -162,7 +180,8 @@ class OffloadManager:
 
     def flush(self) -> None:
         """Wait for the disk writes queued so far."""
-        self.writer.submit(lambda: None).result()
+        with contextlib.suppress(RuntimeError):  # shut down already: nothing is queued
+            self.writer.submit(lambda: None).result()
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
