@@ -124,9 +124,14 @@ class KVCacheManager:
             if block_id is None:
                 break
             hit.append(block_id)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hit) * self.block_size
         return hit, len(hit) * self.block_size
+
+    def record_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admitted request's prefix lookup (once: a request looked up again while
+        it waits for room, or for second-tier loads, is not counted again)."""
+        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += num_hit_tokens
 
     # ---- allocation ------------------------------------------------------------------
     def allocate_slots(

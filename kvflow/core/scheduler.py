@@ -250,6 +250,7 @@ class Scheduler:
                 self._release_images(request)
                 break
             self.waiting.pop()
+            self.kv.record_lookup(request, num_hit)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.num_computed_tokens = num_hit

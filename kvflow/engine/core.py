@@ -78,7 +78,8 @@ class EngineCore:
         from kvflow.kv_offload.manager import OffloadConfig, OffloadManager, model_key
 
         mc = self.config.model_config
-        key = model_key(mc.path, mc.dtype, (self.runner.num_layers, *self.runner.kv_shape[2:]))
+        key = model_key(mc.path, mc.dtype, (self.runner.num_layers, *self.runner.kv_shape[2:]),
+                        mc.quantization)
         offload = OffloadManager(
             OffloadConfig(cc.kv_offloading_bytes, cc.kv_offloading_path,
                           cc.kv_offloading_disk_bytes),

@@ -94,6 +94,8 @@ class DiskTier:
         self.lock = threading.Lock()  # the index: the step thread reads, workers write
         self.size = 0
         self.num_dropped = 0  # files found bad and deleted
+        for leftover in self.folder.glob("*.tmp-*"):  # a write a crash interrupted
+            leftover.unlink(missing_ok=True)
         files = []
         for path in self.folder.glob(f"*{SUFFIX}"):
             try:

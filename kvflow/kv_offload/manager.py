@@ -55,11 +55,13 @@ class OffloadStats:
     hit_blocks: int = 0  # blocks found in the second tier for an admitted request
 
 
-def model_key(model_path: Path, dtype: torch.dtype, block_shape: Sequence[int]) -> bytes:
+def model_key(model_path: Path, dtype: torch.dtype, block_shape: Sequence[int],
+              quantization: str | None = None) -> bytes:
     """What makes stored KV reusable: the model's files (config and, per weight file, name,
-    size and the digest of its first and last MiB), the dtype and the block layout."""
+    size and the digest of its first and last MiB), the dtype, the weights' quantization
+    (int8 weights compute other KV) and the block layout."""
     h = hashlib.blake2b(digest_size=32)
-    h.update(f"kvflow-kv-1|{dtype}|{tuple(block_shape)}".encode())
+    h.update(f"kvflow-kv-1|{dtype}|{quantization}|{tuple(block_shape)}".encode())
     folder = Path(model_path)
     config = folder / "config.json"
     if config.is_file():

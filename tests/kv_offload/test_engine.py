@@ -125,11 +125,6 @@ def test_outputs_equal_with_most_hits_from_the_second_tier(
     assert_clean(llm.llm_engine.core)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prefix_cache_queries counts a request's prompt once more for every second-tier load: "
-    "Scheduler._schedule_waiting calls KVCacheManager.get_computed_blocks (which adds "
-    "num_tokens to prefix_queries) before the load and again when the request is "
-    "re-admitted, and again at every idle step while other loads are in flight"))
 def test_prefix_cache_stats_count_each_prompt_once(tiny_llama_path: Path) -> None:
     llm = LLM(str(tiny_llama_path), kv_offloading_size=TIER_GB, **SMALL_FIRST_TIER)
     generate(llm, PROMPTS)
@@ -137,7 +132,7 @@ def test_prefix_cache_stats_count_each_prompt_once(tiny_llama_path: Path) -> Non
     assert stats.prefix_cache_hits == 18 * PREFIX_BLOCKS * BLOCK_SIZE
     assert_clean(llm.llm_engine.core)
     # no preemption here: each prompt token is looked up once, as without the tier
-    assert stats.prefix_cache_queries == sum(len(p) for p in PROMPTS)  # 2730 != 1560
+    assert stats.prefix_cache_queries == sum(len(p) for p in PROMPTS)
 
 
 # ---- 2. a restart with the disk tier ------------------------------------------------------
@@ -227,11 +222,6 @@ def test_block_hashes_are_equal_in_another_process() -> None:
     assert out == [str(hash_block(None, [1, 2, 3], extra)), str(hash_block(7, [4], (None, None)))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the disk tier's model key ignores quantization: EngineCore._offload (kvflow/engine/"
-    "core.py) calls model_key(mc.path, mc.dtype, block shape) without mc.quantization, so an "
-    "int8-quantized engine and a float32 engine of the same folder share one subfolder and "
-    "load each other's KV (~1% off)"))
 def test_a_quantized_engine_is_another_model_on_disk(tiny_llama_path: Path,
                                                      tmp_path: Path) -> None:
     model = str(tiny_llama_path)
