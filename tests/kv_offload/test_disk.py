@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvflow.kv_offload.disk import MAGIC, SUFFIX, DiskTier, decode_block, encode_block
+from kvflow.kv_offload.disk import (
+    MAGIC,
+    SUFFIX,
+    VERSION,
+    DiskTier,
+    decode_block,
+    encode_block,
+)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -69,7 +76,7 @@ def corrupt(data: bytes, what: str) -> bytes:
     if what == "magic":
         return b"X" + data[1:]
     assert what == "version"
-    return MAGIC + struct.pack("<I", 2) + data[len(MAGIC) + 4:]
+    return MAGIC + struct.pack("<I", VERSION + 1) + data[len(MAGIC) + 4:]
 
 
 @pytest.mark.parametrize("what", ["empty", "header only", "truncated", "one more byte",
