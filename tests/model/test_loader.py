@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -144,10 +145,12 @@ def test_sliding_window_caps_the_context(tmp_path: Path) -> None:
     save_tiny(tmp_path, config, seed=2)
     ours = run_full_prompt(load_model(tmp_path, torch.float32, CPU), PROMPT)
     torch.testing.assert_close(ours, hf_logits(tmp_path, PROMPT), atol=1e-4, rtol=1e-4)
-    args = dict(model=str(tmp_path), tokenizer=None, device="cpu", dtype="float32")
-    assert EngineArgs(**args).create_engine_config().model_config.max_model_len == 64
+    def args(**more: Any) -> EngineArgs:
+        return EngineArgs(model=str(tmp_path), device="cpu", dtype="float32", **more)
+
+    assert args().create_engine_config().model_config.max_model_len == 64
     with pytest.raises(ValueError, match="sliding window: 64"):
-        EngineArgs(**args, max_model_len=65).create_engine_config()
+        args(max_model_len=65).create_engine_config()
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path: Path) -> None:

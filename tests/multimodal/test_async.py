@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from kvflow import RequestOutputKind, SamplingParams
+from kvflow import RequestOutput, RequestOutputKind, SamplingParams
 from kvflow.config import AsyncEngineArgs
 from kvflow.engine.async_llm import AsyncLLM
 from tests.engine.test_async_llm import assert_engine_clean
@@ -34,7 +35,8 @@ def greedy(max_tokens: int = 6, n: int = 1) -> SamplingParams:
                           output_kind=RequestOutputKind.FINAL_ONLY)
 
 
-async def final(engine: AsyncLLM, request_id: str, prompt: dict, params: SamplingParams):
+async def final(engine: AsyncLLM, request_id: str, prompt: Any,
+                params: SamplingParams) -> RequestOutput:
     outs = [o async for o in engine.generate(prompt, params, request_id)]
     return outs[-1]
 
@@ -111,7 +113,8 @@ async def test_caller_image_ids_replace_the_content_hash(engine: AsyncLLM,
     assert first.outputs[0].token_ids == second.outputs[0].token_ids == plain.outputs[0].token_ids
     # a new id is a new image to the caches (encoded once), however equal the pixels
     assert (await engine.get_scheduler_stats()).mm_images_encoded - before == 1
-    for bad in ({"image": ["a", "b"]}, {"image": [""]}, ["photo"]):
+    bads: list[object] = [{"image": ["a", "b"]}, {"image": [""]}, ["photo"]]
+    for bad in bads:
         with pytest.raises(ValueError, match="multi_modal_uuids"):
             await final(engine, "u-bad", {**base, "multi_modal_uuids": bad}, greedy())
     await assert_engine_clean(engine)
