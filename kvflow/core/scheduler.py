@@ -82,11 +82,12 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
-        # image embeddings (LLaVA models): what the runner keeps, and this step's budget
         # the second KV tier (set by the core) and the requests waiting for its loads:
         # request id -> (request, blocks being loaded, their hashes)
         self.offload: OffloadManager | None = None
         self.loading: dict[str, tuple[Request, list[int], list[int]]] = {}
+        # image embeddings (LLaVA models): what the runner keeps, and this step's budget
+        self.encoder_budget = config.encoder_budget
         self.encoder_cache = EncoderCacheManager(
             max(config.encoder_cache_size, config.encoder_budget)) if config.encoder_budget \
             else None
@@ -106,7 +107,6 @@ class Scheduler:
             if request_id in self.loading:  # its copies finish first: they write its blocks
                 assert self.offload is not None
                 self._end_load(request_id, self.offload.wait(request_id))
-                self.waiting.remove(request)
             elif request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             else:
@@ -128,7 +128,7 @@ class Scheduler:
         out = SchedulerOutput()
         if self.offload is not None:
             for request_id, loaded in self.offload.finished_loads():
-                self._end_load(request_id, loaded)
+                self.waiting.add_front(self._end_load(request_id, loaded))
         budget = self.config.max_num_batched_tokens
         self.encoder_budget = self.config.encoder_budget
         budget, preempted = self._schedule_running(out, budget)
@@ -147,8 +147,8 @@ class Scheduler:
         otherwise the chunk ends just before that image's placeholders (vLLM's rule: an
         image is encoded whole, in one step)."""
         cache = self.encoder_cache
-        if cache is None or not request.mm_features:
-            return num_new
+        if cache is None or start >= _images_end(request):
+            return num_new  # (decodes, text-only requests)
         for feature in request.mm_features:
             if feature.offset >= start + num_new:
                 break
@@ -284,11 +284,11 @@ class Scheduler:
         self.offload.start_load(request.request_id, list(zip(block_ids, hashes, strict=True)))
         return True
 
-    def _end_load(self, request_id: str, loaded: bool) -> None:
-        """Loaded blocks join the prefix cache; the request waits at the front again."""
+    def _end_load(self, request_id: str, loaded: bool) -> Request:
+        """Loaded blocks join the prefix cache (the request, admitted again, hits them)."""
         request, block_ids, hashes = self.loading.pop(request_id)
         self.kv.finish_load(request, block_ids, hashes, loaded)
-        self.waiting.add_front(request)
+        return request
 
     # ---- after the forward pass --------------------------------------------------------
     def update_from_output(
@@ -304,7 +304,7 @@ class Scheduler:
                 0, min(request.num_prompt_tokens, computed + item.num_new_tokens) - computed
             )
             request.num_computed_tokens += item.num_new_tokens
-            if request.mm_features:
+            if computed < _images_end(request):  # the chunk reached image placeholders
                 self._release_images(request, computed_only=True)
             token = result.sampled[i]
             prompt_lp = result.prompt_logprobs[i] if result.prompt_logprobs else None
@@ -362,6 +362,12 @@ class Scheduler:
         if cache is None:
             return {}
         return {"mm_encoder_cache_queries": cache.queries, "mm_encoder_cache_hits": cache.hits}
+
+
+def _images_end(request: Request) -> int:
+    """Where the request's last image placeholder ends (0 without images)."""
+    last = request.mm_features[-1] if request.mm_features else None
+    return 0 if last is None else last.offset + last.length
 
 
 def _adapter_counts(requests: Iterable[Request]) -> dict[str, int]:

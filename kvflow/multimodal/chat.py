@@ -62,28 +62,17 @@ def _image_of(part: Mapping[str, Any], index: int) -> Any:
     return url
 
 
-def joined_text(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages with list content joined into one string (text-only templates)."""
+def joined_text(messages: Sequence[Mapping[str, Any]], placeholder: str | None = None
+                ) -> list[dict[str, Any]]:
+    """Messages with list content joined into one string, for templates that read strings;
+    with `placeholder`, each image part's placeholder is written first, one per line."""
     result = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            texts = [p["text"] for p in content if p.get("type") == "text"]
-            content = "\n".join(texts)
-        result.append({**message, "content": content or ""})
-    return result
-
-
-def with_placeholders(messages: Sequence[Mapping[str, Any]], placeholder: str
-                      ) -> list[dict[str, Any]]:
-    """Messages as strings, each image part's placeholder first (for string templates)."""
-    result = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            count = sum(1 for p in content if p.get("type") == "image")
-            texts = [p["text"] for p in content if p.get("type") == "text"]
-            content = f"{placeholder}\n" * count + "\n".join(texts)
+            texts = "\n".join(p["text"] for p in content if p.get("type") == "text")
+            images = sum(1 for p in content if p.get("type") == "image")
+            content = f"{placeholder}\n" * images + texts if placeholder else texts
         result.append({**message, "content": content or ""})
     return result
 
@@ -95,7 +84,7 @@ def render_with_images(render: Callable[[list[dict[str, Any]]], str],
     text = render(messages)
     if text.count(placeholder) == num_images:
         return text
-    text = render(with_placeholders(messages, placeholder))
+    text = render(joined_text(messages, placeholder))
     if text.count(placeholder) != num_images:
         raise ValueError(f"the chat template renders {text.count(placeholder)} image "
                          f"placeholders for {num_images} images")

@@ -11,8 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-# Pixels one image may have (width x height) before anything decodes or resizes it.
-MAX_IMAGE_PIXELS = 40_000_000
+from kvflow.multimodal.media import MediaLimits
+
+# Pixels one image may have (width x height) before anything decodes or resizes it: the
+# bound on decoded URLs holds for images given in memory too.
+MAX_IMAGE_PIXELS = MediaLimits.max_image_pixels
 
 
 def images_of(prompt: Mapping[str, Any], limit: int) -> list[Any]:

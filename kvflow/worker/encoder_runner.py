@@ -83,7 +83,11 @@ def _pieces(scheduled: Sequence[ScheduledRequest]) -> list[_Piece]:
     for item in scheduled:
         start = item.request.num_computed_tokens
         end = start + item.num_new_tokens
-        for feature in item.request.mm_features:
+        features = item.request.mm_features
+        if not features or start >= features[-1].offset + features[-1].length:
+            row += item.num_new_tokens  # text, or past its images (decoding)
+            continue
+        for feature in features:
             if feature.offset >= end:
                 break
             if feature.offset + feature.length <= start:
