@@ -87,6 +87,12 @@ class ServerMetrics:
         self.waiting = gauge("kvflow:num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_cache_usage = gauge("kvflow:kv_cache_usage_perc",
                                     "Fraction of KV-cache blocks in use (1 = full)")
+        # A count, not a fraction: a leak check wants "0 blocks held", and cached prefix
+        # blocks that no live request holds are free (evictable), so they are not counted.
+        self.kv_blocks_in_use = gauge("kvflow:kv_cache_blocks_in_use",
+                                      "KV-cache blocks held by live requests (cached prefix "
+                                      "blocks no request holds are not counted)")
+        self.kv_blocks_total = gauge("kvflow:kv_cache_blocks_total", "KV-cache blocks in all")
         self.prefix_hit_rate = gauge("kvflow:prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start")
         self.mm_cache_hit_rate = gauge("kvflow:mm_cache_hit_rate",
@@ -142,6 +148,9 @@ class ServerMetrics:
         self.running.set(stats.num_running_reqs)
         self.waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        # usage is 1 - free/total, so this is total - free up to float rounding
+        self.kv_blocks_in_use.set(round(stats.kv_cache_usage * stats.num_kv_blocks))
+        self.kv_blocks_total.set(stats.num_kv_blocks)
         queries = stats.prefix_cache_queries
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
         for field, counter in self.stat_counters.items():
@@ -171,7 +180,7 @@ class ServerMetrics:
 
     def engine_dead(self) -> None:
         """A dead engine runs nothing: gauges must not keep its last numbers."""
-        for gauge in (self.running, self.waiting, self.kv_cache_usage):
+        for gauge in (self.running, self.waiting, self.kv_cache_usage, self.kv_blocks_in_use):
             gauge.set(0)
         if self.lora is not None:
             self.lora.update({}, {}, self.lora.max_lora, ())

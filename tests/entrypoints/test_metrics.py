@@ -41,6 +41,20 @@ def test_gauges_and_counters_follow_the_core_totals() -> None:
     assert sample(text, "kvflow:kv_cache_usage_perc") == 0
 
 
+def test_kv_blocks_in_use_counts_blocks_held_by_requests() -> None:
+    metrics = ServerMetrics("m")
+    # 3 of 7 blocks held: a fraction that is not exact in binary still gives a whole count
+    metrics.update_from_stats(SchedulerStats(kv_cache_usage=1.0 - 4 / 7, num_kv_blocks=7))
+    text = metrics.render().decode()
+    assert sample(text, "kvflow:kv_cache_blocks_in_use") == 3
+    assert sample(text, "kvflow:kv_cache_blocks_total") == 7
+    metrics.update_from_stats(SchedulerStats(kv_cache_usage=0.0, num_kv_blocks=7))
+    assert sample(metrics.render().decode(), "kvflow:kv_cache_blocks_in_use") == 0
+    metrics.update_from_stats(SchedulerStats(kv_cache_usage=1.0 - 4 / 7, num_kv_blocks=7))
+    metrics.engine_dead()
+    assert sample(metrics.render().decode(), "kvflow:kv_cache_blocks_in_use") == 0
+
+
 def test_request_latencies() -> None:
     metrics = ServerMetrics("m")
     times = RequestMetrics(arrival_time=10.0, first_token_time=10.5, last_token_time=11.5,
