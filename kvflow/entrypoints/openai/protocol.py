@@ -87,12 +87,13 @@ class SamplingRequest(RequestModel):
     prompt_logprobs: Int64 | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     return_tokens_as_token_ids: bool | None = None
-    # Known parameters the engine cannot honour yet: refused with a 400 when set.
+    # Structured output (structured_request.py maps both spellings to the engine's params)
     response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # Known parameters the engine cannot honour: refused with a 400 when set.
     best_of: Int64 | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
-    structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

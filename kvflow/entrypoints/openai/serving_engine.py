@@ -27,6 +27,7 @@ from kvflow.entrypoints.openai.limits import ServerLimits
 from kvflow.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from kvflow.entrypoints.openai.request_checks import BodyShape, PromptBound
 from kvflow.entrypoints.openai.serving_models import LoRAModulePath, OpenAIServingModels
+from kvflow.entrypoints.openai.structured_request import structured_outputs_of
 from kvflow.entrypoints.openai.template_sandbox import TemplateSandbox
 from kvflow.errors import EngineDeadError
 from kvflow.lora.request import LoRARequest
@@ -49,17 +50,15 @@ LARGE_PARSES = 2  # ...are parsed this many at a time
 
 # Known parameters the engine cannot honour yet, with the values that are harmless.
 _REFUSED: list[tuple[str, Callable[[Any, SamplingRequest], bool], str]] = [
-    ("response_format", lambda v, r: v is None or v.type == "text",
-     "only response_format {'type': 'text'} is supported (no structured outputs yet)"),
     ("best_of", lambda v, r: v is None or v == r.n, "best_of other than n is not supported"),
     ("use_beam_search", lambda v, r: not v, "beam search is not supported"),
     ("length_penalty", lambda v, r: v is None or v == 1.0, "length_penalty needs beam search"),
-    ("structured_outputs", lambda v, r: v is None, "structured outputs are not supported yet"),
-    ("guided_json", lambda v, r: v is None, "guided decoding is not supported yet"),
-    ("guided_regex", lambda v, r: v is None, "guided decoding is not supported yet"),
-    ("guided_choice", lambda v, r: v is None, "guided decoding is not supported yet"),
-    ("guided_grammar", lambda v, r: v is None, "guided decoding is not supported yet"),
-    ("guided_decoding_backend", lambda v, r: v is None, "guided decoding is not supported yet"),
+    # vLLM's removed guided_* fields: structured_outputs or response_format replace them
+    ("guided_json", lambda v, r: v is None, "use structured_outputs or response_format"),
+    ("guided_regex", lambda v, r: v is None, "use structured_outputs"),
+    ("guided_choice", lambda v, r: v is None, "use structured_outputs"),
+    ("guided_grammar", lambda v, r: v is None, "use structured_outputs"),
+    ("guided_decoding_backend", lambda v, r: v is None, "one backend (llguidance)"),
     ("suffix", lambda v, r: not v, "suffix (fill-in-the-middle) is not supported"),
     ("tools", lambda v, r: not v, "tool calling is not supported yet"),
     ("tool_choice", lambda v, r: v in (None, "none"), "tool calling is not supported yet"),
@@ -337,6 +336,7 @@ def build_sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs
         except ValueError as exc:
             raise OpenAIError("logit_bias keys must be token ids", 400, "logit_bias") from exc
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    structured = structured_outputs_of(request)
     try:
         return SamplingParams.from_optional(
             n=request.n, presence_penalty=request.presence_penalty,
@@ -350,7 +350,7 @@ def build_sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output, output_kind=kind,
             logit_bias=bias, allowed_token_ids=request.allowed_token_ids,
-            cache_salt=request.cache_salt,
+            cache_salt=request.cache_salt, structured_outputs=structured,
         )
     except (ValueError, TypeError) as exc:
         raise error_from_exception(ValueError(str(exc))) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from typing import Any
@@ -43,8 +44,14 @@ ERROR_CASES: list[tuple[str, Any, int, str | None]] = [
      "stream_options"),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {"messages": [{"content": "no role"}]}, 400, "messages.0.role"),
-    (CHAT, {"messages": HELLO, "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    (CHAT, {"messages": HELLO, "response_format": {"type": "xml"}}, 400, "response_format"),
+    (CHAT, {"messages": HELLO, "response_format": {"type": "json_schema",
+                                                   "json_schema": {"name": "x", "schema": 7}}},
+     400, "response_format"),
+    (CHAT, {"messages": HELLO, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
+     "structured_outputs"),
+    (COMPLETIONS, {"prompt": "x", "structured_outputs": {"json": {"type": "nonsense"}}}, 400,
+     None),
     (CHAT, {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tools"),
     (CHAT, {"messages": HELLO, "guided_json": {"type": "object"}}, 400, "guided_json"),
@@ -112,6 +119,24 @@ def test_small_endpoints(server: RemoteServer) -> None:
     assert chat["count"] > tokens["count"]  # the template adds its markers
     bad = httpx.post(server.url("/detokenize"), json={"tokens": [-1]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_structured_outputs(server: RemoteServer) -> None:
+    """response_format json_schema (OpenAI) and structured_outputs (vLLM) constrain the text."""
+    client = server.client()
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Is the sky blue? JSON."}],
+        max_tokens=40, temperature=0, response_format={
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert chat.choices[0].finish_reason == "stop"
+    assert json.loads(chat.choices[0].message.content or "") in ({"answer": "yes"},
+                                                                  {"answer": "no"})
+    completion = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The sky is", max_tokens=8, temperature=1.0, n=3, seed=1,
+        extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+    assert {c.text for c in completion.choices} <= {"red", "blue"}
 
 
 def metric(text: str, name: str, **labels: str) -> float:

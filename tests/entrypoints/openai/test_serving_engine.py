@@ -34,7 +34,7 @@ def test_max_tokens_defaults_to_the_rest_of_the_context() -> None:
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"best_of": 3}, "best_of"),
     ({"guided_regex": "a+"}, "guided_regex"),
