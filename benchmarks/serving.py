@@ -10,64 +10,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from common import free_port, start_server, stop_server
 
 from kvflow.entrypoints.bench_serve import add_bench_serve_args
 from kvflow.entrypoints.bench_serve import main as bench_main
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited: see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{cmd} did not become healthy: see {log}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def run_against(cmd: list[str], port: int, model: str, args: argparse.Namespace,
                 log: Path) -> dict[str, Any]:
-    proc = start(cmd, port, log)
+    proc = start_server(cmd, port, log)
     try:
         bench_args = argparse.Namespace(**{**vars(args), "base_url": f"http://127.0.0.1:{port}",
                                            "model": model, "json": None})
         return bench_main(bench_args)
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def main() -> None:
