@@ -40,10 +40,15 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The llama.cpp baselines need llama-cpp-python (the `bench` extra; compiles llama.cpp once,
-# ~20 minutes on 2 cores). Without it the benchmarks skip llama.cpp and say so.
+# ~20 minutes on 2 cores) and llama-server (built from its sdist by
+# benchmarks/build_llama_server.sh). Without them the benchmarks skip llama.cpp and say so.
+# The soak (benchmarks/soak.py, 30 minutes) is not part of `make bench`: run it on its own.
 bench: setup
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -e ".[test,bench]" || \
 		echo "llama-cpp-python did not build: llama.cpp baselines will be skipped"
+	# llama.cpp's own HTTP server, from the same pinned sdist (~30-40 min once; cached).
+	PYTHON=$(PY) benchmarks/build_llama_server.sh || \
+		echo "llama-server did not build: benchmarks/serving.py will skip it"
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/offline_throughput.py
 	$(PY) benchmarks/single_stream.py
@@ -52,6 +57,7 @@ bench: setup
 	$(PY) benchmarks/sampling_overhead.py
 	$(PY) benchmarks/profile_step.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/serving.py
 
 lint: setup
 	$(VENV)/bin/ruff check kvflow tests benchmarks
