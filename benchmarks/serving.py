@@ -59,10 +59,11 @@ def run_rates(cmd: list[str], port: int, model: str, args: argparse.Namespace,
 
 def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int) -> list[str]:
     threads = str(os.cpu_count() or 1)
-    # One unified KV cache of 1024 tokens a slot: every request of this workload fits.
+    # One KV cache shared by all slots (--kv-unified), 512 tokens a slot on average: room for
+    # every slot busy with this workload's longest request (~250 prompt + 96 output tokens).
     return [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "--alias", "llama-server", "--parallel", str(parallel), "--cont-batching",
-            "--kv-unified", "--ctx-size", str(1024 * parallel), "--threads", threads,
+            "--kv-unified", "--ctx-size", str(512 * parallel), "--threads", threads,
             "--threads-batch", threads, "--no-webui"]
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None,
                         help="llama-server binary (default: $LLAMA_SERVER, else the one "
                         "benchmarks/build_llama_server.sh cached)")
-    parser.add_argument("--llama-parallel", type=int, default=16,
+    parser.add_argument("--llama-parallel", type=int, default=32,
                         help="llama-server's slots (requests decoded together)")
     parser.add_argument("--with-transformers", action="store_true",
                         help="also run `transformers serve` (one request at a time: slow)")

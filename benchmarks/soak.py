@@ -121,7 +121,7 @@ class Load:
                     if drop_after is not None and chunks >= drop_after:
                         self.record(kind, "cancelled")
                         return  # leaving the block closes the connection mid-stream
-        self.record(kind, "ok" if chunks else "other", "stream without text")
+        self.record(kind, "ok")  # (a first sampled token may be EOS: no text, still ok)
 
     async def send_malformed(self, kind: str) -> None:
         path, body = self.malformed()
@@ -175,10 +175,11 @@ def request_mix(load: Load) -> dict[str, tuple[float, Callable[[], Awaitable[Non
 
 
 async def guarded(load: Load, kind: str, send: Callable[[], Awaitable[None]]) -> None:
-    """Run one request; a transport failure is an outcome, never the end of the soak."""
+    """Run one request; any failure (transport, a garbled answer) is an outcome, never the
+    end of the soak."""
     try:
         await send()
-    except httpx.HTTPError as exc:
+    except Exception as exc:
         load.record(kind, "other", f"{type(exc).__name__}: {exc}")
 
 
