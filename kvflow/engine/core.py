@@ -140,7 +140,8 @@ class EngineCore:
             mc = self.config.model_config
             self.structured = StructuredOutputManager(
                 mc.tokenizer_path, mc.vocab_size, mc.eos_token_ids,
-                self.config.scheduler_config.max_num_seqs, self.runner.device)
+                self.config.scheduler_config.max_num_seqs, self.runner.device,
+                self.config.structured_outputs_config)
         return self.structured
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
