@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(level)
+    args.log_level = level  # the resolved level, for what the command starts (uvicorn)
     return int(args.func(args) or 0)
 
 
