@@ -74,6 +74,11 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    # only while tracing is on: on the first token, when the core received the request and
+    # first scheduled it; on the last, the model step time it took part in (detailed traces)
+    queued_time: float = 0.0
+    scheduled_time: float = 0.0
+    model_execute_time: float = 0.0
 
     @property
     def finished(self) -> bool:
