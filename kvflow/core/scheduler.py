@@ -20,7 +20,7 @@ from kvflow.core.encoder_cache import EncoderCacheManager
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
-from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, SchedulerStats
+from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, RequestTimings, SchedulerStats
 
 if TYPE_CHECKING:
     from kvflow.kv_offload.manager import OffloadManager
@@ -328,8 +328,7 @@ class Scheduler:
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
             if request.queued_time:  # traced: the core's timestamps, once
-                output.queued_time, output.scheduled_time = \
-                    request.queued_time, request.scheduled_time
+                output.timings = RequestTimings(request.queued_time, request.scheduled_time)
                 request.queued_time = 0.0
             if status is not None:
                 self._finish(request, status)

@@ -17,7 +17,12 @@ from kvflow.config import EngineConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerOutput
-from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from kvflow.engine.protocol import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    RequestTimings,
+    SchedulerStats,
+)
 from kvflow.lora.request import LoRARequest
 
 if TYPE_CHECKING:
@@ -186,7 +191,8 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         for out in outputs:
             if out.finish_reason is not None:
-                out.model_execute_time = requests[out.request_id].model_execute_time
+                out.timings = out.timings or RequestTimings()
+                out.timings.model_execute_time = requests[out.request_id].model_execute_time
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
         return EngineCoreOutputs(outputs, time.time())

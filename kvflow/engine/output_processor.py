@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvflow.engine.detokenizer import IncrementalDetokenizer
-from kvflow.engine.protocol import EngineCoreOutput, FinishReason, LogprobsLists
+from kvflow.engine.protocol import EngineCoreOutput, FinishReason, LogprobsLists, RequestTimings
 from kvflow.engine.streams import ParentRequest
 from kvflow.outputs import (
     CompletionOutput,
@@ -129,11 +129,8 @@ class OutputProcessor:
                 metrics.first_token_time = timestamp
             metrics.last_token_time = timestamp
         state.num_cached_tokens = out.num_cached_tokens
-        if out.scheduled_time:  # tracing: the core's timestamps, on the first token
-            metrics.first_scheduled_time = out.scheduled_time
-            metrics.time_in_queue = out.scheduled_time - out.queued_time
-        if out.model_execute_time:
-            metrics.model_execute_time = out.model_execute_time
+        if out.timings is not None:  # tracing is on
+            _record_timings(metrics, out.timings)
         state.token_ids.extend(out.new_token_ids)
         if out.new_prompt_logprobs is not None:
             self._add_prompt_logprobs(state, out.new_prompt_logprobs)
@@ -259,3 +256,12 @@ class OutputProcessor:
             if state is not None:
                 self._emit(state, FinishReason.ABORT, None, timestamp, result)
         return result.request_outputs
+
+
+def _record_timings(metrics: RequestMetrics, timings: RequestTimings) -> None:
+    """The core's timestamps of a traced request, as vLLM's RequestMetrics fields."""
+    if timings.scheduled_time:
+        metrics.first_scheduled_time = timings.scheduled_time
+        metrics.time_in_queue = timings.scheduled_time - timings.queued_time
+    if timings.model_execute_time:
+        metrics.model_execute_time = timings.model_execute_time
