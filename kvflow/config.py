@@ -11,6 +11,9 @@ from typing import Any, get_type_hints
 
 import torch
 
+from kvflow.structured.options import StructuredOutputsConfig
+from kvflow.tracing import ObservabilityConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -86,6 +89,16 @@ class EngineArgs:
     kv_offloading_disk_size: float = _arg(16.0, "GiB of block files in kv_offloading_path")
     enable_sleep_mode: bool = _arg(
         False, "allow sleep(level) / wake_up(): free the KV cache (1) and the weights (2)")
+    otlp_traces_endpoint: str | None = _arg(
+        None, "send a span per request to this OpenTelemetry collector (OTLP; the protocol "
+        "from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or http/protobuf); needs kvflow[tracing]")
+    collect_detailed_traces: str | None = _arg(
+        None, "also time the model steps of each traced request: model, worker or all "
+        "(comma-separated); needs --otlp-traces-endpoint")
+    structured_outputs_config: dict[str, Any] | str | None = _arg(
+        None, 'JSON grammar options, as JSON: {"disable_any_whitespace": false} allows '
+        'bounded whitespace, {"disable_additional_properties": false} lets schemas that do '
+        "not say additionalProperties accept undeclared properties (both default true)")
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -131,6 +144,10 @@ class EngineArgs:
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
             enable_sleep_mode=self.enable_sleep_mode,
+            structured_outputs_config=StructuredOutputsConfig.parse(
+                self.structured_outputs_config),
+            observability_config=ObservabilityConfig.parse(
+                self.otlp_traces_endpoint, self.collect_detailed_traces),
         )
 
     def _offloading(self) -> dict[str, Any]:
@@ -448,6 +465,9 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None
     mm_config: MultiModalConfig | None = None
     enable_sleep_mode: bool = False
+    structured_outputs_config: StructuredOutputsConfig = field(
+        default_factory=StructuredOutputsConfig)
+    observability_config: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
 
 @dataclass

@@ -44,6 +44,10 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # sent by the engine core only while tracing is on (vLLM's names)
+    first_scheduled_time: float | None = None
+    time_in_queue: float | None = None  # first scheduled − received by the core
+    model_execute_time: float | None = None  # model steps it took part in (detailed traces)
 
 
 @dataclass

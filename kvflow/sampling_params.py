@@ -38,6 +38,9 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # vLLM's per-request options; None: the engine's structured_outputs_config (strict)
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
 
     def __post_init__(self) -> None:
         chosen = [
@@ -54,6 +57,9 @@ class StructuredOutputsParams:
             not self.choice or not all(isinstance(c, str) for c in self.choice)
         ):
             raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), (bool, type(None))):
+                raise ValueError(f"structured_outputs.{name} must be true, false or null")
 
 
 @dataclass

@@ -52,7 +52,7 @@ class Request:
         "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
         "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
-        "kv_loads",
+        "kv_loads", "queued_time", "scheduled_time", "model_execute_time",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -88,6 +88,10 @@ class Request:
         # Images, in prompt order: each one's content hash and placeholder span
         self.mm_features: list[MultiModalFeature] = req.mm_features or []
         self.kv_loads = 0  # times blocks were loaded back from the second KV tier for it
+        # tracing only (0.0 otherwise): received by the core, first scheduled, model time
+        self.queued_time = 0.0
+        self.scheduled_time = 0.0
+        self.model_execute_time = 0.0
 
     @property
     def num_tokens(self) -> int:

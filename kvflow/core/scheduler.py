@@ -9,6 +9,7 @@ policy's victim is preempted: its blocks are freed and it recomputes later.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from kvflow.core.encoder_cache import EncoderCacheManager
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
-from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, SchedulerStats
+from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, RequestTimings, SchedulerStats
 
 if TYPE_CHECKING:
     from kvflow.kv_offload.manager import OffloadManager
@@ -253,6 +254,8 @@ class Scheduler:
             self.kv.record_lookup(request, num_hit)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
+                if request.queued_time:  # traced
+                    request.scheduled_time = time.time()
             request.num_computed_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -324,6 +327,9 @@ class Scheduler:
                 new_prompt_logprobs=prompt_lp,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
+            if request.queued_time:  # traced: the core's timestamps, once
+                output.timings = RequestTimings(request.queued_time, request.scheduled_time)
+                request.queued_time = 0.0
             if status is not None:
                 self._finish(request, status)
                 output.finish_reason = status.finish_reason

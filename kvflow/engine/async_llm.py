@@ -22,6 +22,7 @@ from kvflow.errors import EngineDeadError, EngineGenerateError
 from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+from kvflow.tracing import make_tracer, warn_tracing_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,13 @@ class AsyncLLM:
                  log_stats: bool | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model_config)
+        # before the core starts: a bad tracing setting must not leave a core process behind
+        self.tracer = make_tracer(config.observability_config, config.model_config.model)
         self.engine_core: CoreClient = MPClient(config) if multiprocess else InprocClient(config)
         self.processor = build_processor(config, self.tokenizer, self.engine_core.num_kv_blocks)
         self.output_processor = OutputProcessor(self.tokenizer,
-                                                config.scheduler_config.stream_interval)
+                                                config.scheduler_config.stream_interval,
+                                                self.tracer)
         self.parents: dict[str, ParentRequest] = {}
         self.held: list[EngineCoreRequest] = []  # requests that arrived while paused
         self._paused = False
@@ -85,6 +89,8 @@ class AsyncLLM:
             await self._check_lora(lora_request)
         text, ids, images = await self._tokenize(prompt, tokenization_kwargs)
         arrival = arrival_time if arrival_time is not None else time.time()
+        if trace_headers and self.tracer is None:
+            warn_tracing_disabled()
         self._ensure_output_handler()
         base = await self._make_request(request_id, ids, params, arrival, priority, lora_request,
                                         images)
@@ -102,7 +108,8 @@ class AsyncLLM:
             for i, req in enumerate(requests):
                 self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
                                                   arrival, parent=parent, index=i,
-                                                  sink=collector.put, lora_request=lora_request)
+                                                  sink=collector.put, lora_request=lora_request,
+                                                  trace_headers=trace_headers)
             self._idle.clear()
             for req in requests:
                 if self._paused:
@@ -411,6 +418,8 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 self._output_task.cancel()
         self.engine_core.shutdown()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # sends the spans still batched
 
 
 AsyncLLMEngine = AsyncLLM

@@ -16,8 +16,13 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
-from kvflow.core.scheduler import Scheduler
-from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from kvflow.core.scheduler import Scheduler, SchedulerOutput
+from kvflow.engine.protocol import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    RequestTimings,
+    SchedulerStats,
+)
 from kvflow.lora.request import LoRARequest
 
 if TYPE_CHECKING:
@@ -51,6 +56,8 @@ class EngineCore:
         self.loras: LoRACache | None = self._lora_cache()
         self.offload: OffloadManager | None = self._offload()
         self._shut_down = False
+        # detailed traces: time each model step and charge it to the requests in it
+        self._time_steps = config.observability_config.collect_model_execute_time
         if self.offload is not None and self.offload.disk is not None:
             atexit.register(_shutdown_at_exit, weakref.ref(self))
         logger.info(
@@ -110,6 +117,8 @@ class EngineCore:
                           self.runner.device)
         if req.lora_request is not None:
             request.lora = self.get_lora(req.lora_request)
+        if self.config.observability_config.tracing_enabled:
+            request.queued_time = time.time()
         structured = req.sampling_params.structured_outputs
         if structured is not None:
             request.grammar = self._structured_manager().add_request(req.request_id, structured)
@@ -140,7 +149,8 @@ class EngineCore:
             mc = self.config.model_config
             self.structured = StructuredOutputManager(
                 mc.tokenizer_path, mc.vocab_size, mc.eos_token_ids,
-                self.config.scheduler_config.max_num_seqs, self.runner.device)
+                self.config.scheduler_config.max_num_seqs, self.runner.device,
+                self.config.structured_outputs_config)
         return self.structured
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
@@ -161,8 +171,28 @@ class EngineCore:
                 self.offload.wait_any(timeout=0.05)  # only loads in flight: wait, not spin
             return EngineCoreOutputs([], time.time())
         structured = self.structured if self.structured and self.structured.live else None
+        if self._time_steps:
+            return self._timed_step(scheduler_output, structured)
         result = self.runner.execute(scheduler_output, structured)
         outputs = self.scheduler.update_from_output(scheduler_output, result)
+        if structured is not None:
+            structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
+        return EngineCoreOutputs(outputs, time.time())
+
+    def _timed_step(self, scheduler_output: SchedulerOutput,
+                    structured: StructuredOutputManager | None) -> EngineCoreOutputs:
+        """step() for detailed traces: each request adds up the model steps it was in."""
+        requests = {s.request.request_id: s.request for s in scheduler_output.scheduled}
+        start = time.perf_counter()
+        result = self.runner.execute(scheduler_output, structured)
+        spent = time.perf_counter() - start
+        for request in requests.values():
+            request.model_execute_time += spent
+        outputs = self.scheduler.update_from_output(scheduler_output, result)
+        for out in outputs:
+            if out.finish_reason is not None:
+                out.timings = out.timings or RequestTimings()
+                out.timings.model_execute_time = requests[out.request_id].model_execute_time
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
         return EngineCoreOutputs(outputs, time.time())

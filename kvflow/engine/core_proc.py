@@ -32,6 +32,7 @@ from kvflow.engine.protocol import (
     UtilityOutput,
     UtilityRequest,
 )
+from kvflow.logger import configure_engine_core_logging
 from kvflow.model.hugepages import release_freed_memory
 
 if TYPE_CHECKING:
@@ -144,9 +145,7 @@ def run_engine_core(
     config: EngineConfig, input_addr: str, output_addr: str, ready: Connection, parent_pid: int
 ) -> None:
     """Entry point of the engine-core process: load, handshake, loop until told to stop."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s"
-    )
+    configure_engine_core_logging()
     try:
         core = _load_core(config, ready)
         if core is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from kvflow.config import EngineArgs, EngineConfig
@@ -13,6 +14,7 @@ from kvflow.engine.streams import ParentRequest
 from kvflow.lora.request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+from kvflow.tracing import make_tracer, warn_tracing_disabled
 
 
 class LLMEngine:
@@ -21,10 +23,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model_config)
+        self.tracer = make_tracer(config.observability_config, config.model_config.model)
         self.core = EngineCore(config)
         self.processor = build_processor(config, self.tokenizer, self.core.num_blocks)
         self.output_processor = OutputProcessor(
-            self.tokenizer, config.scheduler_config.stream_interval)
+            self.tokenizer, config.scheduler_config.stream_interval, self.tracer)
         self.parents: dict[str, ParentRequest] = {}
 
     @classmethod
@@ -33,7 +36,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     priority: int = 0, tokenization_kwargs: dict[str, Any] | None = None,
-                    lora_request: LoRARequest | None = None) -> None:
+                    lora_request: LoRARequest | None = None,
+                    trace_headers: Mapping[str, str] | None = None) -> None:
         """Validate and queue one request (n > 1 fans out to n child requests)."""
         if request_id in self.parents or request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -46,11 +50,14 @@ class LLMEngine:
             self.core.get_lora(lora_request)  # a bad adapter fails here, before anything queues
         text, ids, images = self.processor.process(prompt, tokenization_kwargs)
         arrival = time.time()
+        if trace_headers and self.tracer is None:
+            warn_tracing_disabled()
         if params.n == 1:
             req = self.processor.make_request(request_id, ids, params, arrival, priority,
                                               lora_request, images)
             self.output_processor.add_request(request_id, text, ids, params, arrival,
-                                              lora_request=lora_request)
+                                              lora_request=lora_request,
+                                              trace_headers=trace_headers)
             self.core.add_request(req)
             return
         parent = ParentRequest(request_id, params)
@@ -63,7 +70,8 @@ class LLMEngine:
         for i, req in enumerate(children):
             self.output_processor.add_request(req.request_id, text, ids, req.sampling_params,
                                               arrival, parent=parent, index=i,
-                                              lora_request=lora_request)
+                                              lora_request=lora_request,
+                                              trace_headers=trace_headers)
             self.core.add_request(req)
 
     def add_lora(self, lora_request: LoRARequest) -> bool:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvflow.engine.detokenizer import IncrementalDetokenizer
-from kvflow.engine.protocol import EngineCoreOutput, FinishReason, LogprobsLists
+from kvflow.engine.protocol import EngineCoreOutput, FinishReason, LogprobsLists, RequestTimings
 from kvflow.engine.streams import ParentRequest
 from kvflow.outputs import (
     CompletionOutput,
@@ -18,6 +18,9 @@ from kvflow.outputs import (
     SampleLogprobs,
 )
 from kvflow.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.tracing import RequestTracer
 
 
 class TokenTexts:
@@ -55,6 +58,7 @@ class RequestState:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     lora_request: Any = None
+    trace_headers: Mapping[str, str] | None = None  # the parent span's context (tracing on)
     sent_tokens: int = 0  # tokens already emitted (DELTA) / count at the last emission
     sent_logprobs: int = 0
     sent_prompt_logprobs: bool = False
@@ -76,7 +80,9 @@ class ProcessedOutputs:
 class OutputProcessor:
     """Keeps per-request state on the client; turns EngineCoreOutputs into RequestOutputs."""
 
-    def __init__(self, tokenizer: Any, stream_interval: int = 1) -> None:
+    def __init__(self, tokenizer: Any, stream_interval: int = 1,
+                 tracer: RequestTracer | None = None) -> None:
+        self.tracer = tracer  # None unless tracing is on: then each finished request is a span
         self.tokenizer = tokenizer
         self.stream_interval = stream_interval
         self.token_text = TokenTexts(tokenizer)
@@ -86,7 +92,8 @@ class OutputProcessor:
                     params: SamplingParams, arrival_time: float,
                     parent: ParentRequest | None = None, index: int = 0,
                     sink: Callable[[RequestOutput | BaseException], None] | None = None,
-                    lora_request: Any = None) -> None:
+                    lora_request: Any = None,
+                    trace_headers: Mapping[str, str] | None = None) -> None:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         self.states[request_id] = RequestState(
@@ -95,6 +102,7 @@ class OutputProcessor:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
             parent=parent, index=index, sink=sink, metrics=RequestMetrics(arrival_time),
             stream_interval=self.stream_interval, lora_request=lora_request,
+            trace_headers=trace_headers,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -121,6 +129,8 @@ class OutputProcessor:
                 metrics.first_token_time = timestamp
             metrics.last_token_time = timestamp
         state.num_cached_tokens = out.num_cached_tokens
+        if out.timings is not None:  # tracing is on
+            _record_timings(metrics, out.timings)
         state.token_ids.extend(out.new_token_ids)
         if out.new_prompt_logprobs is not None:
             self._add_prompt_logprobs(state, out.new_prompt_logprobs)
@@ -151,6 +161,11 @@ class OutputProcessor:
         else:
             state.metrics.finished_time = timestamp
             del self.states[state.request_id]
+            if self.tracer is not None:
+                self.tracer.request_finished(
+                    state.request_id, state.params, len(state.prompt_token_ids),
+                    len(state.token_ids), state.metrics, state.trace_headers,
+                    str(finish_reason), state.num_cached_tokens)
         completion = self._completion(state, finish_reason, stop_reason, finished)
         output = self._request_output(state, completion, finished)
         if output is None:
@@ -241,3 +256,12 @@ class OutputProcessor:
             if state is not None:
                 self._emit(state, FinishReason.ABORT, None, timestamp, result)
         return result.request_outputs
+
+
+def _record_timings(metrics: RequestMetrics, timings: RequestTimings) -> None:
+    """The core's timestamps of a traced request, as vLLM's RequestMetrics fields."""
+    if timings.scheduled_time:
+        metrics.first_scheduled_time = timings.scheduled_time
+        metrics.time_in_queue = timings.scheduled_time - timings.queued_time
+    if timings.model_execute_time:
+        metrics.model_execute_time = timings.model_execute_time

@@ -10,6 +10,7 @@ from kvflow.config import EngineConfig, ModelConfig
 from kvflow.engine.protocol import EngineCoreRequest, MultiModalFeature
 from kvflow.lora.request import LoRARequest
 from kvflow.sampling_params import SamplingParams
+from kvflow.structured.options import StructuredOutputsConfig
 
 if TYPE_CHECKING:
     from kvflow.multimodal.processing import MultiModalProcessor
@@ -46,7 +47,7 @@ def build_processor(config: EngineConfig, tokenizer: Any, num_kv_blocks: int) ->
         mm = MultiModalProcessor(config.model_config, config.mm_config,
                                  load_hf_processor(config.model_config.path))
     return Processor(config.model_config, tokenizer, num_kv_blocks,
-                     config.cache_config.block_size, mm)
+                     config.cache_config.block_size, mm, config.structured_outputs_config)
 
 
 class Processor:
@@ -55,6 +56,7 @@ class Processor:
     def __init__(
         self, model_config: ModelConfig, tokenizer: Any, num_kv_blocks: int, block_size: int,
         mm_processor: MultiModalProcessor | None = None,
+        structured_config: StructuredOutputsConfig | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -62,6 +64,7 @@ class Processor:
         self.block_size = block_size
         self.eos_token_ids = list(model_config.eos_token_ids)
         self._grammar_compiler: GrammarCompiler | None = None  # at the first structured request
+        self.structured_config = structured_config or StructuredOutputsConfig()
         self.mm_processor = mm_processor  # images in prompts (LLaVA models); None: text only
 
     def mm_totals(self) -> dict[str, int] | None:
@@ -213,7 +216,8 @@ class Processor:
         if self._grammar_compiler is None:
             from kvflow.structured.grammar import GrammarCompiler  # imports llguidance
 
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                     config=self.structured_config)
         return self._grammar_compiler
 
     def _check_prompt(self, prompt_ids: list[int], has_images: bool = False) -> None:

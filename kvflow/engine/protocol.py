@@ -63,6 +63,18 @@ class LogprobsLists(msgspec.Struct, array_like=True):
     ranks: list[int]  # rank of the chosen token (1 = most likely)
 
 
+class RequestTimings(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The core's clock for a traced request (time.time() seconds; 0.0: not in this output).
+
+    On the first token: when the core received the request and first scheduled it. On the
+    last (detailed traces only): the seconds of model steps the request took part in.
+    """
+
+    queued_time: float = 0.0
+    scheduled_time: float = 0.0
+    model_execute_time: float = 0.0
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """What one request produced in one step."""
 
@@ -74,6 +86,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    timings: RequestTimings | None = None  # only while tracing is on
+
 
     @property
     def finished(self) -> bool:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from kvflow.config import EngineArgs
+from kvflow.logger import configure_logging, resolve_level
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +43,24 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default=None, help="model (default: the packaged default)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt")
+    add_verbose_arg(p)
     _add_sampling_args(p)
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_generate)
 
 
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    """An interactive command: logs at WARNING unless --verbose (or the env) asks for more."""
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the engine's log lines (INFO) on stderr")
+    parser.set_defaults(default_log_level="WARNING")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvflow", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help=(
+        "DEBUG, INFO, WARNING, ERROR (default: $KVFLOW_LOGGING_LEVEL, else INFO for serve "
+        "and WARNING for chat and generate)"))
     sub = parser.add_subparsers(dest="command", required=True)
     from kvflow.entrypoints.cli_serve import add_parsers
 
@@ -64,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    explicit = args.log_level or ("INFO" if getattr(args, "verbose", False) else None)
+    try:
+        level = resolve_level(explicit, getattr(args, "default_log_level", "INFO"))
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(level)
+    args.log_level = level  # the resolved level, for what the command starts (uvicorn)
     return int(args.func(args) or 0)
 
 

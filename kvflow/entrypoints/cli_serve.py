@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvflow.config import AsyncEngineArgs
+from kvflow.entrypoints.cli import add_verbose_arg
 from kvflow.entrypoints.openai.limits import ServerLimits
 from kvflow.entrypoints.openai.serving_models import parse_lora_module
 
@@ -192,6 +193,7 @@ def _chat_parser(sub: SubParsers) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
+    add_verbose_arg(p)
     AsyncEngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_chat)
 

@@ -17,37 +17,50 @@ import llguidance
 import numpy as np
 
 from kvflow.sampling_params import StructuredOutputsParams
+from kvflow.structured.options import StructuredOutputsConfig
+from kvflow.structured.schema import forbid_additional_properties
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-GrammarKey = tuple[str, str]  # (kind, spec text): "json" | "json_object" | "regex" | ...
+# (kind, spec text, JSON options): kind is "json" | "json_object" | "regex" | ...; the options
+# (disable_any_whitespace, disable_additional_properties) are set for JSON kinds only
+GrammarKey = tuple[str, str, tuple[bool, ...]]
 
-# JSON whitespace allowed between tokens. llguidance's default is any run of whitespace; a
-# small model sampled at temperature 1 then tends to wander off into whitespace and never
-# close the object. One optional newline and a little indentation keep pretty-printed output
-# possible while every step must make progress.
+# JSON whitespace when a request turns disable_any_whitespace off. llguidance's own default is
+# any run of whitespace; a small model sampled at temperature 1 then tends to wander off into
+# whitespace and never close the object. One optional newline and a little indentation keep
+# pretty-printed output possible while every step must make progress.
 JSON_WHITESPACE = r"[\n]?[ \t]{0,8}"
-_JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
+_STRICT = StructuredOutputsConfig()
 
 
-def grammar_key(params: StructuredOutputsParams) -> GrammarKey:
-    """The cache key: which constraint, and its text exactly as it will be compiled."""
+def grammar_key(params: StructuredOutputsParams,
+                config: StructuredOutputsConfig = _STRICT) -> GrammarKey:
+    """The cache key: which constraint, its text exactly as it will be compiled, and the
+    JSON options of this request (its own, else the engine's `config`)."""
     if params.json is not None:
         schema = params.json
-        return "json", schema if isinstance(schema, str) else json.dumps(schema)
+        return "json", schema if isinstance(schema, str) else json.dumps(schema), \
+            config.resolve(params)
     if params.regex is not None:
-        return "regex", params.regex
+        return "regex", params.regex, ()
     if params.choice is not None:
-        return "choice", json.dumps(params.choice)
+        return "choice", json.dumps(params.choice), ()
     if params.grammar is not None:
-        return "grammar", params.grammar
-    return "json_object", ""
+        return "grammar", params.grammar, ()
+    return "json_object", "", config.resolve(params)[:1]
+
+
+def _json_options(no_whitespace: bool) -> JsonCompileOptions:
+    if no_whitespace:
+        return {"whitespace_flexible": False}  # compact JSON: separators "," and ":"
+    return {"whitespace_pattern": JSON_WHITESPACE}
 
 
 def to_llguidance(key: GrammarKey) -> str:
     """The llguidance grammar for a key; ValueError for text that cannot even be read."""
-    kind, text = key
+    kind, text, options = key
     if kind == "json":
         try:
             schema = json.loads(text)
@@ -55,10 +68,14 @@ def to_llguidance(key: GrammarKey) -> str:
             raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("structured_outputs.json must be a JSON schema object")
-        return str(llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS))
+        no_whitespace, strict = options
+        if strict:
+            text = json.dumps(forbid_additional_properties(schema))
+        return str(llguidance.LLMatcher.grammar_from_json_schema(
+            text, defaults=_json_options(no_whitespace)))
     if kind == "json_object":
         return str(llguidance.LLMatcher.grammar_from_json_schema(
-            '{"type": "object"}', defaults=_JSON_OPTIONS))
+            '{"type": "object"}', defaults=_json_options(options[0])))
     if kind == "grammar" and not text.strip():
         raise ValueError("structured_outputs.grammar is empty")
     try:
@@ -108,8 +125,10 @@ class GrammarCompiler:
     structured request never pay for it. Thread-safe: the core compiles in a worker thread.
     """
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, max_cached: int = 256) -> None:
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, max_cached: int = 256,
+                 config: StructuredOutputsConfig = _STRICT) -> None:
         self.hf_tokenizer = hf_tokenizer
+        self.config = config  # the engine's JSON options, for requests that set none
         self.vocab_size = vocab_size
         self.max_cached = max_cached
         self.num_compiled = 0  # cache misses that compiled a grammar, valid or not
@@ -139,7 +158,11 @@ class GrammarCompiler:
 
     def validate(self, params: StructuredOutputsParams) -> None:
         """Raise ValueError unless the params compile to a satisfiable grammar."""
-        self.get(grammar_key(params))
+        self.get(grammar_key(params, self.config))
+
+    def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The compiled (cached) matcher of `params` under this compiler's options."""
+        return self.get(grammar_key(params, self.config))
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvflow.sampling_params import StructuredOutputsParams
-from kvflow.structured.grammar import GrammarCompiler, grammar_key
+from kvflow.structured.grammar import GrammarCompiler
 from kvflow.structured.matcher import GrammarBitmask, GrammarState
+from kvflow.structured.options import StructuredOutputsConfig
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -28,7 +29,9 @@ class StructuredOutputManager:
     """
 
     def __init__(self, tokenizer_path: Path, vocab_size: int, eos_token_ids: Sequence[int],
-                 max_num_seqs: int, device: torch.device) -> None:
+                 max_num_seqs: int, device: torch.device,
+                 config: StructuredOutputsConfig | None = None) -> None:
+        self.config = config or StructuredOutputsConfig()
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
@@ -50,8 +53,8 @@ class StructuredOutputManager:
             from transformers import AutoTokenizer
 
             hf_tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
-            self._compiler = GrammarCompiler(hf_tokenizer, self.vocab_size)
-        return self._compiler.get(grammar_key(params))
+            self._compiler = GrammarCompiler(hf_tokenizer, self.vocab_size, config=self.config)
+        return self._compiler.compile(params)
 
     @property
     def compiler(self) -> GrammarCompiler | None:

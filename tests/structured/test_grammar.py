@@ -13,6 +13,7 @@ import torch
 from kvflow.sampling_params import StructuredOutputsParams
 from kvflow.structured.grammar import GrammarCompiler, grammar_key
 from kvflow.structured.matcher import GrammarBitmask, GrammarState, unpack_bits
+from kvflow.structured.options import StructuredOutputsConfig
 
 VOCAB = 49152
 EOS = 2
@@ -153,3 +154,58 @@ def test_state_follows_the_grammar_to_eos(compiler: GrammarCompiler, hf_tokenize
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
     # the compiled (shared) matcher never moves: each request advances its own copy
     assert not compiler.get(grammar_key(StructuredOutputsParams(regex="ab"))).is_stopped()
+
+
+PET = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+       "required": ["name"]}
+
+
+def accepts(compiler: GrammarCompiler, hf_tokenizer, params: StructuredOutputsParams,
+            text: str) -> bool:
+    """Whether the request's grammar takes `text` whole (a copy of the compiled matcher)."""
+    matcher = compiler.compile(params).deep_copy()
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bool(matcher.consume_tokens(ids)) and matcher.is_accepting() \
+        and not matcher.is_error()
+
+
+def test_undeclared_properties_are_refused_unless_allowed(compiler, hf_tokenizer) -> None:
+    strict = StructuredOutputsParams(json=PET)
+    assert accepts(compiler, hf_tokenizer, strict, '{"name":"Rex","age":3}')
+    assert not accepts(compiler, hf_tokenizer, strict, '{"name":"Rex","story_01":"x"}')
+    nested = {"type": "object", "properties": {"pet": PET}}
+    assert not accepts(compiler, hf_tokenizer, StructuredOutputsParams(json=nested),
+                       '{"pet":{"name":"Rex","family_141":1}}')
+    # the schema allows them, the request turns strictness off, or the engine does
+    allowed = [StructuredOutputsParams(json={**PET, "additionalProperties": True}),
+               StructuredOutputsParams(json=PET, disable_additional_properties=False)]
+    for params in allowed:
+        assert accepts(compiler, hf_tokenizer, params, '{"name":"Rex","story_01":"x"}')
+    lenient = GrammarCompiler(hf_tokenizer, VOCAB, config=StructuredOutputsConfig(
+        disable_additional_properties=False))
+    assert accepts(lenient, hf_tokenizer, strict, '{"name":"Rex","story_01":"x"}')
+    assert not accepts(lenient, hf_tokenizer, StructuredOutputsParams(
+        json=PET, disable_additional_properties=True), '{"name":"Rex","story_01":"x"}')
+
+
+def test_whitespace_is_bounded(compiler, hf_tokenizer) -> None:
+    compact = StructuredOutputsParams(json=PET)
+    assert accepts(compiler, hf_tokenizer, compact, '{"name":"Rex","age":3}')
+    for spaced in ('{"name": "Rex"}', '{ "name":"Rex"}', '{"name":"Rex"}\n', '[]'):
+        assert not accepts(compiler, hf_tokenizer, compact, spaced)
+    assert not accepts(compiler, hf_tokenizer, StructuredOutputsParams(json_object=True),
+                       '{"a": 1}')
+    # off: pretty-printed JSON passes, but no separator takes more than a newline + 8 blanks
+    relaxed = StructuredOutputsParams(json=PET, disable_any_whitespace=False)
+    assert accepts(compiler, hf_tokenizer, relaxed, '{\n  "name": "Rex",\n  "age": 3\n}')
+    assert not accepts(compiler, hf_tokenizer, relaxed, '{"name":' + " " * 9 + '"Rex"}')
+    assert not accepts(compiler, hf_tokenizer, relaxed, '{\n\n"name":"Rex"}')
+
+
+def test_options_are_part_of_the_cache_key(compiler: GrammarCompiler) -> None:
+    compiler.validate(StructuredOutputsParams(json=PET))
+    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=True))  # = engine
+    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=False))
+    compiler.validate(StructuredOutputsParams(regex="a", disable_any_whitespace=False))
+    compiler.validate(StructuredOutputsParams(regex="a"))  # options do not apply to a regex
+    assert compiler.num_compiled == 3

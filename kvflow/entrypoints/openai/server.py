@@ -54,6 +54,7 @@ from kvflow.entrypoints.openai.serving_engine import (
     sse_stream,
 )
 from kvflow.errors import EngineDeadError
+from kvflow.tracing import extract_trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +126,16 @@ async def _respond(raw: Request, work: Awaitable[BaseModel | AsyncIterator[BaseM
              responses=answers(CompletionResponse, stream=True))
 async def create_completion(raw: Request) -> Response:
     request = await _ctx(raw).parse(raw, CompletionRequest)
-    return await _respond(raw, raw.app.state.completions.create(request))
+    trace = extract_trace_headers(raw.headers)
+    return await _respond(raw, raw.app.state.completions.create(request, trace))
 
 
 @router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest),
              responses=answers(ChatCompletionResponse, stream=True))
 async def create_chat_completion(raw: Request) -> Response:
     request = await _ctx(raw).parse(raw, ChatCompletionRequest)
-    return await _respond(raw, raw.app.state.chat.create(request))
+    trace = extract_trace_headers(raw.headers)
+    return await _respond(raw, raw.app.state.chat.create(request, trace))
 
 
 @router.get("/v1/models")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from kvflow.engine.processor import Processor
@@ -193,7 +193,8 @@ class OpenAIServingChat:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    async def create(self, request: ChatCompletionRequest
+    async def create(self, request: ChatCompletionRequest,
+                     trace_headers: Mapping[str, str] | None = None
                      ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
         ctx = self.ctx
         lora = await ctx.check_ready(request.model)
@@ -232,7 +233,7 @@ class OpenAIServingChat:
                            features)
         ctx.check_capacity(request.n)  # again: others may have come in while this one waited
         outputs = await ctx.start(request_id, prompt, ids, params, request.priority, lora,
-                                  images)
+                                  images, trace_headers)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         model = ctx.models.response_name(lora)
         if request.stream:

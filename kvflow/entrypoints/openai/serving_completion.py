@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from kvflow.entrypoints.openai.errors import OpenAIError
@@ -81,7 +81,8 @@ class OpenAIServingCompletion:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    async def create(self, request: CompletionRequest
+    async def create(self, request: CompletionRequest,
+                     trace_headers: Mapping[str, str] | None = None
                      ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
         ctx = self.ctx
         lora = await ctx.check_ready(request.model)
@@ -103,7 +104,8 @@ class OpenAIServingCompletion:
         ctx.check_capacity(len(prompts) * request.n, _sequences_param(request))
         generators = await ctx.start_all(
             [(f"{request_id}-{i}", p.text, p.ids, p.params)
-             for i, p in enumerate(prompts) if p.params is not None], request.priority, lora)
+             for i, p in enumerate(prompts) if p.params is not None], request.priority, lora,
+            trace_headers)
         namer = TokenNamer(ctx.engine.get_tokenizer(), bool(request.return_tokens_as_token_ids))
         model = ctx.models.response_name(lora)
         if request.stream:

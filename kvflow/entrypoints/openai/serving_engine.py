@@ -8,7 +8,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -229,7 +229,9 @@ class ServingContext:
 
     async def start(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
                     params: SamplingParams, priority: int, lora: LoRARequest | None = None,
-                    images: list[Any] | None = None) -> AsyncIterator[RequestOutput]:
+                    images: list[Any] | None = None,
+                    trace_headers: Mapping[str, str] | None = None
+                    ) -> AsyncIterator[RequestOutput]:
         """Queue the request in the engine now, then stream it (tracked for metrics).
 
         Queued now, not when a streaming response starts iterating: that could be after other
@@ -243,7 +245,8 @@ class ServingContext:
             async with self.models.queuing(lora) as current:
                 collector = await self.engine.add_request(request_id, prompt, params,
                                                           lora_request=current,
-                                                          priority=priority)
+                                                          priority=priority,
+                                                          trace_headers=trace_headers)
         finally:
             self.pending -= params.n
         if len(self.in_flight) > 2 * self.capacity:  # ids of streams that never started
@@ -268,13 +271,15 @@ class ServingContext:
 
     async def start_all(self, requests: Sequence[tuple[str, str | None, list[int],
                                                        SamplingParams]],
-                        priority: int, lora: LoRARequest | None = None
+                        priority: int, lora: LoRARequest | None = None,
+                        trace_headers: Mapping[str, str] | None = None
                         ) -> list[AsyncIterator[RequestOutput]]:
         """start() each; if one fails, those already queued are aborted before raising."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for request_id, text, ids, params in requests:
-                streams.append(await self.start(request_id, text, ids, params, priority, lora))
+                streams.append(await self.start(request_id, text, ids, params, priority, lora,
+                                                trace_headers=trace_headers))
         except BaseException:
             started = [r[0] for r in requests[:len(streams)]]
             await self.engine.abort(started)
