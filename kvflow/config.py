@@ -63,6 +63,9 @@ class EngineArgs:
     quantization: str | None = _arg(
         None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
+    attention_backend: str | None = _arg(
+        None, "attention kernels: cpu (C), torch or triton (default: cpu on a CPU, triton on "
+        "CUDA where installed, else torch)", choices=["cpu", "torch", "triton"])
     enable_lora: bool = _arg(False, "serve LoRA adapters (PEFT folders) over the base model")
     max_loras: int = _arg(1, "most distinct LoRA adapters in one step (the adapter slots)")
     max_lora_rank: int = _arg(16, "largest LoRA rank accepted (slots are sized for it)")
@@ -102,6 +105,9 @@ class EngineArgs:
             )
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, device, self.quantization)
+        from kvflow.model.attention_backends import check_attention_backend
+
+        check_attention_backend(self.attention_backend, device)
         path = resolve_model(self.model)
         model_config = ModelConfig.from_folder(
             model=self.model, path=path, tokenizer=self.tokenizer, dtype=dtype, device=device,
@@ -131,6 +137,7 @@ class EngineArgs:
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
             enable_sleep_mode=self.enable_sleep_mode,
+            attention_backend=self.attention_backend,
         )
 
     def _offloading(self) -> dict[str, Any]:
@@ -448,6 +455,7 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None
     mm_config: MultiModalConfig | None = None
     enable_sleep_mode: bool = False
+    attention_backend: str | None = None  # None: chosen at start (attention_backends)
 
 
 @dataclass

@@ -15,12 +15,9 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ScheduledRequest, SchedulerOutput, StepResult
 from kvflow.engine.protocol import LogprobsLists
-from kvflow.model import cpu_kernels, hugepages
-from kvflow.model.attention import (
-    build_attention_metadata,
-    kv_cache_bytes_per_block,
-    kv_cache_shape,
-)
+from kvflow.model import hugepages
+from kvflow.model.attention import kv_cache_bytes_per_block, kv_cache_shape
+from kvflow.model.attention_backends import ATTENTION_BACKENDS, select_attention_backend
 from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
@@ -54,6 +51,12 @@ class ModelRunner:
         start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
         self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
         self.encoder_runner = self._encoder_runner(config)
+        # cpu: rotary, the cache write and decode attention in C (float32 or bfloat16 on a
+        # CPU); triton: paged kernels (CUDA); torch: the pure-torch path.
+        self.attention_backend = select_attention_backend(config.attention_backend,
+                                                          self.device, self.dtype)
+        self.cpu_kernel = self.attention_backend == "cpu"
+        self.build_metadata = ATTENTION_BACKENDS[self.attention_backend]()
         self.num_blocks = self._count_blocks(config, start)
         self.kv_shape = kv_cache_shape(self.num_blocks, self.block_size,
                                        self.model.num_kv_heads, self.model.head_dim)
@@ -61,11 +64,6 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches()
         self.sampler = Sampler()
         self.lora_slots = self._lora_slots(config)
-        # Rotary, the cache write and decode attention in C on the CPU (float32 or bfloat16),
-        # else the pure-torch path.
-        self.cpu_kernel = (self.device.type == "cpu"
-                           and self.dtype in (torch.float32, torch.bfloat16)
-                           and cpu_kernels.load() is not None)
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         """One zeroed tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -182,8 +180,8 @@ class ModelRunner:
                                self.model.head_dim)
         caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                   for _ in range(self.model.num_layers)]
-        metadata = build_attention_metadata(query_lens, query_lens, tables, self.block_size,
-                                            self.device)
+        metadata = self.build_metadata(query_lens, query_lens, tables, self.block_size,
+                                       self.device)
         positions = torch.cat([torch.arange(q) for q in query_lens]).to(self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, caches, metadata)
@@ -216,9 +214,8 @@ class ModelRunner:
             np.arange(seq_len - q, seq_len, dtype=np.int64)
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
-        metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
-            cpu_kernel=self.cpu_kernel)
+        metadata = self.build_metadata(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                                       self.block_size, self.device)
         if lora_slots is not None and order is not None:
             from kvflow.lora.slots import build_mapping
 
