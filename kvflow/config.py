@@ -62,7 +62,9 @@ class EngineArgs:
     tensor_parallel_size: int = _arg(1, "GPUs per model replica (only 1 is supported yet)")
     quantization: str | None = _arg(
         None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
-    enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
+    enforce_eager: bool = _arg(
+        False, "no CUDA graphs: run decode steps op by op (graphs are CUDA-only, and need the "
+        "triton attention backend)")
     attention_backend: str | None = _arg(
         None, "attention kernels: cpu (C), torch or triton (default: cpu on a CPU, triton on "
         "CUDA where installed, else torch)", choices=["cpu", "torch", "triton"])
@@ -137,7 +139,7 @@ class EngineArgs:
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
             enable_sleep_mode=self.enable_sleep_mode,
-            attention_backend=self.attention_backend,
+            attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
         )
 
     def _offloading(self) -> dict[str, Any]:
@@ -456,6 +458,7 @@ class EngineConfig:
     mm_config: MultiModalConfig | None = None
     enable_sleep_mode: bool = False
     attention_backend: str | None = None  # None: chosen at start (attention_backends)
+    enforce_eager: bool = False  # no CUDA graphs of decode steps
 
 
 @dataclass

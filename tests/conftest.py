@@ -25,6 +25,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _enforce_eager_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVFLOW_TEST_ENFORCE_EAGER=1 runs every engine without CUDA graphs (the GPU check runs
+    the gpu tests both ways)."""
+    if os.environ.get("KVFLOW_TEST_ENFORCE_EAGER") != "1":
+        return
+    from kvflow.config import EngineArgs
+
+    build = EngineArgs.create_engine_config
+
+    def eager(self: EngineArgs) -> object:
+        self.enforce_eager = True
+        return build(self)
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", eager)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     from kvflow.model.registry import resolve_model

@@ -21,6 +21,7 @@ from kvflow.model.attention_backends import ATTENTION_BACKENDS, select_attention
 from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from kvflow.worker.cuda_graphs import DecodeGraphs
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -58,12 +59,28 @@ class ModelRunner:
         self.cpu_kernel = self.attention_backend == "cpu"
         self.build_metadata = ATTENTION_BACKENDS[self.attention_backend]()
         self.num_blocks = self._count_blocks(config, start)
-        self.kv_shape = kv_cache_shape(self.num_blocks, self.block_size,
-                                       self.model.num_kv_heads, self.model.head_dim)
+        # CUDA graphs of decode steps (enforce_eager: none) write their padding rows' K/V
+        # into one scratch block past the scheduler's.
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                                and self.attention_backend == "triton"
+                                and config.lora_config is None and self.encoder_runner is None)
+        self.kv_shape = kv_cache_shape(self.num_blocks + int(self.use_cuda_graphs),
+                                       self.block_size, self.model.num_kv_heads,
+                                       self.model.head_dim)
         self.num_layers = self.model.num_layers
         self.kv_caches = self._allocate_kv_caches()
         self.sampler = Sampler()
         self.lora_slots = self._lora_slots(config)
+        self.cuda_graphs = self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> DecodeGraphs | None:
+        if not self.use_cuda_graphs:
+            return None
+        sc, mc = self.config.scheduler_config, self.config.model_config
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, sc.max_num_seqs,
+                              mc.max_model_len, scratch_block=self.num_blocks)
+        graphs.capture()
+        return graphs
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         """One zeroed tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -81,6 +98,7 @@ class ModelRunner:
         """Free the KV cache (level 1), and the weights too (level 2): their memory goes
         back to the system (CPU: the huge-page mappings are unmapped)."""
         self.kv_caches = []
+        self.cuda_graphs = None  # they hold the cache's (and weights') addresses
         if level >= 2:
             del self.model
             self.encoder_runner = None
@@ -100,6 +118,8 @@ class ModelRunner:
             self.lora_slots = self._lora_slots(self.config)  # hooked into the new layers
         if "kv_cache" in tags and not self.kv_caches:
             self.kv_caches = self._allocate_kv_caches()
+        if self.cuda_graphs is None and self.kv_caches and hasattr(self, "model"):
+            self.cuda_graphs = self._capture_cuda_graphs()  # over the new addresses
 
     def _encoder_runner(self, config: EngineConfig) -> EncoderRunner | None:
         """The vision tower of a LLaVA model. On a CPU without bf16 arithmetic it runs in
@@ -214,20 +234,13 @@ class ModelRunner:
             np.arange(seq_len - q, seq_len, dtype=np.int64)
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
-        metadata = self.build_metadata(query_lens, seq_lens, [s.block_ids for s in scheduled],
-                                       self.block_size, self.device)
-        if lora_slots is not None and order is not None:
-            from kvflow.lora.slots import build_mapping
-
-            metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
-                                          self.device)
-        input_ids = input_ids.to(self.device)
-        embeds = None
-        if self.encoder_runner is not None:
-            self.encoder_runner.free(out.freed_encoder_ids)
-            embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
-        hidden = self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
-                            embeds)  # [num_tokens, hidden]
+        hidden = None  # [num_tokens, hidden]
+        if self.cuda_graphs is not None and lora_slots is None:  # decode-only steps replay
+            hidden = self.cuda_graphs.run(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                                          input_ids)
+        if hidden is None:
+            hidden = self._forward(out, scheduled, query_lens, seq_lens, input_ids, positions,
+                                   lora_slots, order)
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
@@ -248,6 +261,26 @@ class ModelRunner:
             return StepResult(sampled, logprobs, prompt_logprobs)
         return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
                           _in_order(prompt_logprobs, order))
+
+    def _forward(self, out: SchedulerOutput, scheduled: list[ScheduledRequest],
+                 query_lens: list[int], seq_lens: list[int], input_ids: torch.Tensor,
+                 positions: torch.Tensor, lora_slots: list[int] | None,
+                 order: list[int] | None) -> torch.Tensor:
+        """The step's forward pass, op by op: hidden states [num_tokens, hidden]."""
+        metadata = self.build_metadata(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                                       self.block_size, self.device)
+        if lora_slots is not None and order is not None:
+            from kvflow.lora.slots import build_mapping
+
+            metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
+                                          self.device)
+        input_ids = input_ids.to(self.device)
+        embeds = None
+        if self.encoder_runner is not None:
+            self.encoder_runner.free(out.freed_encoder_ids)
+            embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
+        return self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
+                          embeds)  # [num_tokens, hidden]
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor,
                 structured: StructuredOutputManager | None

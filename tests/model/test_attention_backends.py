@@ -47,11 +47,17 @@ def test_default_backend_by_device_and_dtype() -> None:
         select_attention_backend("cpu", CPU, torch.float16)
 
 
-def _generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def _generate(llm: LLM, prompts: list[list[int]], max_tokens: int
+              ) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens, and the logprob of each (which a wrong context would shift)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert_core_clean(llm.llm_engine.core)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [step[t].logprob for o, ids in zip(outs, tokens, strict=True)
+                for step, t in zip(o.outputs[0].logprobs or [], ids, strict=True)]
+    return tokens, torch.tensor(logprobs)
 
 
 @pytest.mark.slow
@@ -70,12 +76,14 @@ def test_triton_engine_matches_the_default_cpu_path(tiny_llama_path: Path) -> No
               **settings)  # type: ignore[arg-type]
     runner = llm.llm_engine.core.runner
     assert runner.attention_backend == "triton" and not runner.cpu_kernel
-    assert _generate(llm, prompts, 4) == expected
+    tokens, logprobs = _generate(llm, prompts, 4)
+    assert tokens == expected[0]
+    torch.testing.assert_close(logprobs, expected[1], atol=1e-4, rtol=0)
     # The longest prompt again: its first two blocks come from the prefix cache, so the
     # rest is a chunk attending over cached context.
     again = llm.generate({"prompt_token_ids": prompts[-1]},
                          SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                          use_tqdm=False)[0]
     assert again.num_cached_tokens == 32
-    assert list(again.outputs[0].token_ids) == expected[-1]
+    assert list(again.outputs[0].token_ids) == expected[0][-1]
     assert_core_clean(llm.llm_engine.core)
