@@ -25,7 +25,7 @@ import triton.language as tl
 
 # Finite stand-in for -inf as the running max: exp2(m_old - m_new) stays finite even when a
 # tile (or a whole split-K partition) has no visible key.
-_NO_MAX = -1.0e30
+_NO_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
