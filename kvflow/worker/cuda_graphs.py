@@ -125,7 +125,8 @@ class DecodeGraphs:
         None where a graph cannot hold the step (the caller then runs it eagerly)."""
         n = len(query_lens)
         size = self.padded_size(n)
-        if size is None or any(q != 1 for q in query_lens):
+        if size is None or any(q != 1 for q in query_lens) \
+                or any(len(table) > self.width for table in block_tables):
             return None
         if self.capture_enabled and size not in self.graphs:
             return None
