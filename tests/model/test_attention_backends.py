@@ -87,3 +87,20 @@ def test_triton_engine_matches_the_default_cpu_path(tiny_llama_path: Path) -> No
     assert again.num_cached_tokens == 32
     assert list(again.outputs[0].token_ids) == expected[0][-1]
     assert_core_clean(llm.llm_engine.core)
+
+
+@pytest.mark.gpu
+def test_torch_and_triton_backends_agree_on_cuda(tiny_qwen2_path: Path) -> None:
+    settings = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.1,
+                    max_num_batched_tokens=24, enforce_eager=True)
+    prompts = [[5 + i, 17, 300 + 7 * i] + list(range(40, 40 + n)) for i, n in
+               enumerate([2, 14, 37, 80])]
+    results = []
+    for backend in ("torch", "triton"):
+        llm = LLM(str(tiny_qwen2_path), attention_backend=backend, **settings)  # type: ignore[arg-type]
+        assert llm.llm_engine.core.runner.attention_backend == backend
+        results.append(_generate(llm, prompts, 6))
+        del llm
+    (torch_tokens, torch_logprobs), (triton_tokens, triton_logprobs) = results
+    assert triton_tokens == torch_tokens
+    torch.testing.assert_close(triton_logprobs, torch_logprobs, atol=1e-4, rtol=0)
