@@ -37,11 +37,13 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 Work = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
 
-def run_kvflow(model: str | None, work: Work, max_num_seqs: int, device: str, dtype: str) -> float:
+def run_kvflow(model: str | None, work: Work, max_num_seqs: int, device: str, dtype: str,
+               **engine: Any) -> float:
+    """Output tokens/s; `engine` holds further EngineArgs (attention_backend, enforce_eager)."""
     from kvflow import LLM, SamplingParams
 
     llm = LLM(model, max_num_seqs=max_num_seqs, kv_cache_memory_gb=2.0, disable_log_stats=True,
-              device=device, dtype=dtype)
+              device=device, dtype=dtype, **engine)
     warm = [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)]
     llm.generate([{"prompt_token_ids": work[0][0]}], warm, use_tqdm=False)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
@@ -87,7 +89,8 @@ def ratios(rates: dict[str, float], dtypes: list[str]) -> dict[str, float]:
     """The first dtype's kvflow run over every baseline (names as in older results); each
     later dtype's run over every other figure, the first dtype's kvflow run included."""
     first = rates["kvflow"]
-    out = {f"vs_{k}": round(first / v, 2) for k, v in rates.items() if not k.startswith("kvflow")}
+    out = {f"vs_{k}": round(first / v, 2) for k, v in rates.items()
+           if not k.startswith("kvflow") or k == "kvflow_eager"}
     for dtype in dtypes[1:]:
         name = key("kvflow", dtype, dtypes[0])
         out.update({f"{SHORT[dtype]}_vs_{k}": round(rates[name] / v, 2)
@@ -141,6 +144,10 @@ def main() -> None:
     parser.add_argument("--skip-hf-continuous", action="store_true",
                         help="run transformers' static batches only (its CB takes ~10 min)")
     parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--attention-backend", default=None, choices=["cpu", "torch", "triton"])
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--eager-baseline", action="store_true",
+                        help="on cuda, also run kvflow with enforce_eager (graphs on vs off)")
     parser.add_argument("--json", default="benchmarks/results/offline_throughput.json")
     args = parser.parse_args()
 
@@ -154,14 +161,20 @@ def main() -> None:
     on_cpu = args.device == "cpu"
     dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"] if on_cpu else ["bfloat16"]
     rates: dict[str, float] = {}
+    engine = dict(attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
     for dtype in dtypes:
         rates[key("kvflow", dtype, dtypes[0])] = run_kvflow(
-            str(path), work, args.max_num_seqs, args.device, dtype)
+            str(path), work, args.max_num_seqs, args.device, dtype, **engine)
         gc.collect()  # the last engine's model and KV cache gone before the next loads
+    if args.eager_baseline and not on_cpu and not args.enforce_eager:
+        rates["kvflow_eager"] = run_kvflow(str(path), work, args.max_num_seqs, args.device,
+                                           dtypes[0], **(engine | {"enforce_eager": True}))
+        gc.collect()
     rates.update(run_baselines(args, path, work, dtypes))
     result = {
         "benchmark": "offline_throughput", "model": path.name, "requests": len(work),
         "device": args.device, "dtype": dtypes[0], "dtypes": dtypes,
+        "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
         "output_tokens": sum(n for _, n in work),
         "tok_s": {k: round(v, 1) for k, v in rates.items()},
         "ratios": ratios(rates, dtypes),

@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quantization", default=None, choices=[None, "int8"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--attention-backend", default=None, choices=["cpu", "torch", "triton"])
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--split-c-layers", action="store_true",
                         help="run decode layers op by op, to split linear from attention")
     parser.add_argument("--json", default="benchmarks/results/profile_step.json")
@@ -67,7 +69,8 @@ def main() -> None:
     work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, 0)
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(path), max_num_seqs=args.num_requests, disable_log_stats=True,
-        quantization=args.quantization, device=args.device))
+        quantization=args.quantization, device=args.device,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager))
     core = engine.core
     runner = core.runner
     runner.model.forward = labelled("forward", runner.model.forward)
@@ -130,7 +133,10 @@ def main() -> None:
                         and e.key not in LABELS) / 1e6 / args.steps
         shares["gpu_busy"] = round(100 * kernels_s / step, 1)
     write_result(args.json, {"benchmark": "profile_step", "batch": batch,
-                             "step_ms": round(1e3 * step, 1), "share_pct": shares})
+                             "step_ms": round(1e3 * step, 1), "share_pct": shares,
+                             "device": args.device, "model": path.name,
+                             "attention_backend": runner.attention_backend,
+                             "enforce_eager": args.enforce_eager})
     print(f"profile_step: {batch} decodes, step {1e3 * step:.0f} ms: "
           + ", ".join(f"{k} {v}%" for k, v in shares.items()))
 

@@ -65,7 +65,12 @@ class EngineArgs:
     tensor_parallel_size: int = _arg(1, "GPUs per model replica (only 1 is supported yet)")
     quantization: str | None = _arg(
         None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
-    enforce_eager: bool = _arg(False, "accepted for vLLM compatibility; kvflow is always eager")
+    enforce_eager: bool = _arg(
+        False, "no CUDA graphs: run decode steps op by op (graphs are CUDA-only, and need the "
+        "triton attention backend)")
+    attention_backend: str | None = _arg(
+        None, "attention kernels: cpu (C), torch or triton (default: cpu on a CPU, triton on "
+        "CUDA where installed, else torch)", choices=["cpu", "torch", "triton"])
     enable_lora: bool = _arg(False, "serve LoRA adapters (PEFT folders) over the base model")
     max_loras: int = _arg(1, "most distinct LoRA adapters in one step (the adapter slots)")
     max_lora_rank: int = _arg(16, "largest LoRA rank accepted (slots are sized for it)")
@@ -115,6 +120,9 @@ class EngineArgs:
             )
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, device, self.quantization)
+        from kvflow.model.attention_backends import check_attention_backend
+
+        check_attention_backend(self.attention_backend, device)
         path = resolve_model(self.model)
         model_config = ModelConfig.from_folder(
             model=self.model, path=path, tokenizer=self.tokenizer, dtype=dtype, device=device,
@@ -148,6 +156,7 @@ class EngineArgs:
                 self.structured_outputs_config),
             observability_config=ObservabilityConfig.parse(
                 self.otlp_traces_endpoint, self.collect_detailed_traces),
+            attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
         )
 
     def _offloading(self) -> dict[str, Any]:
@@ -468,6 +477,8 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig = field(
         default_factory=StructuredOutputsConfig)
     observability_config: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    attention_backend: str | None = None  # None: chosen at start (attention_backends)
+    enforce_eager: bool = False  # no CUDA graphs of decode steps
 
 
 @dataclass

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton kernels run in its CPU interpreter: it must be on before any kernel is
+# defined (kvflow.model.triton_kernels is imported on first use), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -19,6 +23,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _enforce_eager_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVFLOW_TEST_ENFORCE_EAGER=1 runs every engine without CUDA graphs (the GPU check runs
+    the gpu tests both ways)."""
+    if os.environ.get("KVFLOW_TEST_ENFORCE_EAGER") != "1":
+        return
+    from kvflow.config import EngineArgs
+
+    build = EngineArgs.create_engine_config
+
+    def eager(self: EngineArgs) -> object:
+        self.enforce_eager = True
+        return build(self)
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", eager)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Paged attention over a block-table KV cache, in pure torch so one path serves CPU and CUDA.
+"""Paged attention over a block-table KV cache: pure torch (CPU and CUDA), the CPU's C kernel
+or the Triton kernels (CUDA's default, kvflow.model.triton_attention).
 
 Each layer owns one preallocated cache tensor (index 0 = K, 1 = V):
 
@@ -26,6 +27,11 @@ import torch.nn.functional as F
 
 from kvflow.model import cpu_kernels
 from kvflow.model.layers import LoRAMapping
+from kvflow.model.triton_attention import (
+    PagedKernelMetadata,
+    build_kernel_metadata,
+    paged_attention_triton,
+)
 
 
 def kv_cache_shape(
@@ -83,6 +89,9 @@ class AttentionMetadata:
     # Each token's LoRA adapter slot, when any token of the step has one. It rides here
     # because this is the one per-step object every layer already receives.
     lora: LoRAMapping | None = None
+    # The block-table view for the Triton kernels; when set, prefills and decodes are empty
+    # and every token is attended by those kernels (kvflow.model.triton_attention).
+    kernel: PagedKernelMetadata | None = None
 
     @property
     def decode_token_indices(self) -> torch.Tensor | None:
@@ -122,11 +131,13 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device,
     cpu_kernel: bool = False,
+    paged_kernel: bool = False,
 ) -> AttentionMetadata:
     """Precompute slots and masks once per step; every layer reuses them.
 
     With `cpu_kernel` all decodes form one group for the C kernel, which reads each
-    request's blocks in place up to its length (no padding to mask or zero).
+    request's blocks in place up to its length (no padding to mask or zero). With
+    `paged_kernel` the Triton kernels read every request's blocks in place instead.
     """
     _check_inputs(query_lens, seq_lens, block_tables, block_size)
     num_requests = len(query_lens)
@@ -141,6 +152,10 @@ def build_attention_metadata(
     offset_in_request = torch.arange(num_tokens) - starts_t[request_of_token]  # [T]
     positions = context_lens_t[request_of_token] + offset_in_request  # [T]
     slot_mapping = _slots(table[request_of_token], positions[:, None], block_size)[:, 0]  # [T]
+    if paged_kernel:
+        kernel = build_kernel_metadata(table, query_lens_t, context_lens_t + query_lens_t,
+                                       starts_t, device)
+        return AttentionMetadata(num_tokens, slot_mapping.to(device), [], [], kernel=kernel)
 
     starts = starts_t.tolist()
     prefills = [
@@ -244,6 +259,8 @@ def paged_attention(
     if not cache_written:
         key_cache.index_copy_(0, metadata.slot_mapping, key.to(key_cache.dtype))
         value_cache.index_copy_(0, metadata.slot_mapping, value.to(value_cache.dtype))
+    if metadata.kernel is not None:
+        return paged_attention_triton(query, kv_cache, metadata.kernel, scale)  # [T, H, hd]
 
     if metadata.cpu_kernel and not metadata.prefills and len(metadata.decodes) == 1:
         # Decodes only, one group in token order: no gather, no scatter.

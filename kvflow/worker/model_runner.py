@@ -15,15 +15,13 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ScheduledRequest, SchedulerOutput, StepResult
 from kvflow.engine.protocol import LogprobsLists
-from kvflow.model import cpu_kernels, hugepages
-from kvflow.model.attention import (
-    build_attention_metadata,
-    kv_cache_bytes_per_block,
-    kv_cache_shape,
-)
+from kvflow.model import hugepages
+from kvflow.model.attention import kv_cache_bytes_per_block, kv_cache_shape
+from kvflow.model.attention_backends import ATTENTION_BACKENDS, select_attention_backend
 from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from kvflow.worker.cuda_graphs import DecodeGraphs
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -37,6 +35,9 @@ logger = logging.getLogger(__name__)
 # each [rows, vocab] (6-12 MB at 32 rows and a 49k vocabulary): a step of 256 requests
 # samples in eight parts, so its working memory is that of a 32-request step.
 SAMPLE_ROWS = 32
+# On a GPU the whole batch samples at once (1,024 rows of a 152k vocabulary: ~1.9 GB of
+# temporaries), so a step copies its sampled ids to the host once instead of once per part.
+CUDA_SAMPLE_ROWS = 1024
 
 
 class ModelRunner:
@@ -54,18 +55,35 @@ class ModelRunner:
         start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
         self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
         self.encoder_runner = self._encoder_runner(config)
+        # cpu: rotary, the cache write and decode attention in C (float32 or bfloat16 on a
+        # CPU); triton: paged kernels (CUDA); torch: the pure-torch path.
+        self.attention_backend = select_attention_backend(config.attention_backend,
+                                                          self.device, self.dtype)
+        self.cpu_kernel = self.attention_backend == "cpu"
+        self.build_metadata = ATTENTION_BACKENDS[self.attention_backend]()
         self.num_blocks = self._count_blocks(config, start)
-        self.kv_shape = kv_cache_shape(self.num_blocks, self.block_size,
-                                       self.model.num_kv_heads, self.model.head_dim)
+        # CUDA graphs of decode steps (enforce_eager: none) write their padding rows' K/V
+        # into one scratch block past the scheduler's.
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                                and self.attention_backend == "triton"
+                                and config.lora_config is None and self.encoder_runner is None)
+        self.kv_shape = kv_cache_shape(self.num_blocks + int(self.use_cuda_graphs),
+                                       self.block_size, self.model.num_kv_heads,
+                                       self.model.head_dim)
         self.num_layers = self.model.num_layers
         self.kv_caches = self._allocate_kv_caches()
         self.sampler = Sampler()
         self.lora_slots = self._lora_slots(config)
-        # Rotary, the cache write and decode attention in C on the CPU (float32 or bfloat16),
-        # else the pure-torch path.
-        self.cpu_kernel = (self.device.type == "cpu"
-                           and self.dtype in (torch.float32, torch.bfloat16)
-                           and cpu_kernels.load() is not None)
+        self.cuda_graphs = self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> DecodeGraphs | None:
+        if not self.use_cuda_graphs:
+            return None
+        sc, mc = self.config.scheduler_config, self.config.model_config
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, sc.max_num_seqs,
+                              mc.max_model_len, scratch_block=self.num_blocks)
+        graphs.capture()
+        return graphs
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         """One zeroed tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -83,6 +101,7 @@ class ModelRunner:
         """Free the KV cache (level 1), and the weights too (level 2): their memory goes
         back to the system (CPU: the huge-page mappings are unmapped)."""
         self.kv_caches = []
+        self.cuda_graphs = None  # they hold the cache's (and weights') addresses
         if level >= 2:
             del self.model
             self.encoder_runner = None
@@ -102,6 +121,8 @@ class ModelRunner:
             self.lora_slots = self._lora_slots(self.config)  # hooked into the new layers
         if "kv_cache" in tags and not self.kv_caches:
             self.kv_caches = self._allocate_kv_caches()
+        if self.cuda_graphs is None and self.kv_caches and hasattr(self, "model"):
+            self.cuda_graphs = self._capture_cuda_graphs()  # over the new addresses
 
     def _encoder_runner(self, config: EngineConfig) -> EncoderRunner | None:
         """The vision tower of a LLaVA model. On a CPU without bf16 arithmetic it runs in
@@ -182,14 +203,15 @@ class ModelRunner:
                                self.model.head_dim)
         caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                   for _ in range(self.model.num_layers)]
-        metadata = build_attention_metadata(query_lens, query_lens, tables, self.block_size,
-                                            self.device)
+        metadata = self.build_metadata(query_lens, query_lens, tables, self.block_size,
+                                       self.device)
         positions = torch.cat([torch.arange(q) for q in query_lens]).to(self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, caches, metadata)
         logits = self.model.compute_logits(hidden)
         torch.log_softmax(logits.float(), dim=-1)
-        torch.softmax(logits[:SAMPLE_ROWS].float(), dim=-1).cumsum(-1, dtype=torch.float64)
+        sampled_part = logits[:self._sample_rows()].float()  # [rows, vocab]
+        torch.softmax(sampled_part, dim=-1).cumsum(-1, dtype=torch.float64)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return sum(c.numel() * c.element_size() for c in caches)
@@ -216,27 +238,20 @@ class ModelRunner:
             np.arange(seq_len - q, seq_len, dtype=np.int64)
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
-        metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
-            cpu_kernel=self.cpu_kernel)
-        if lora_slots is not None and order is not None:
-            from kvflow.lora.slots import build_mapping
-
-            metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
-                                          self.device)
-        input_ids = input_ids.to(self.device)
-        embeds = None
-        if self.encoder_runner is not None:
-            self.encoder_runner.free(out.freed_encoder_ids)
-            embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
-        hidden = self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
-                            embeds)  # [num_tokens, hidden]
+        hidden = None  # [num_tokens, hidden]
+        if self.cuda_graphs is not None and lora_slots is None:  # decode-only steps replay
+            hidden = self.cuda_graphs.run(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                                          input_ids)
+        if hidden is None:
+            hidden = self._forward(out, scheduled, query_lens, seq_lens, input_ids, positions,
+                                   lora_slots, order)
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
         logprobs: list[LogprobsLists | None] | None = None
-        for first in range(0, len(rows), SAMPLE_ROWS):
-            part = rows[first:first + SAMPLE_ROWS]
+        part_rows = self._sample_rows()
+        for first in range(0, len(rows), part_rows):
+            part = rows[first:first + part_rows]
             last = torch.as_tensor(ends[part], device=self.device)
             tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
                                                  hidden[last], structured)
@@ -251,6 +266,29 @@ class ModelRunner:
             return StepResult(sampled, logprobs, prompt_logprobs)
         return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
                           _in_order(prompt_logprobs, order))
+
+    def _sample_rows(self) -> int:
+        return CUDA_SAMPLE_ROWS if self.device.type == "cuda" else SAMPLE_ROWS
+
+    def _forward(self, out: SchedulerOutput, scheduled: list[ScheduledRequest],
+                 query_lens: list[int], seq_lens: list[int], input_ids: torch.Tensor,
+                 positions: torch.Tensor, lora_slots: list[int] | None,
+                 order: list[int] | None) -> torch.Tensor:
+        """The step's forward pass, op by op: hidden states [num_tokens, hidden]."""
+        metadata = self.build_metadata(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                                       self.block_size, self.device)
+        if lora_slots is not None and order is not None:
+            from kvflow.lora.slots import build_mapping
+
+            metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
+                                          self.device)
+        input_ids = input_ids.to(self.device)
+        embeds = None
+        if self.encoder_runner is not None:
+            self.encoder_runner.free(out.freed_encoder_ids)
+            embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
+        return self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
+                          embeds)  # [num_tokens, hidden]
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor,
                 structured: StructuredOutputManager | None
