@@ -33,13 +33,15 @@ class EngineCore:
     """schedule → execute → update; the same object runs in-process or in its own process."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from kvflow.worker.model_runner import ModelRunner  # heavy: loads torch models
+        from kvflow.distributed.executor import make_executor  # heavy: loads torch models
 
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.model_config.seed)
-        self.runner = ModelRunner(config)
+        # the model runner, and the tensor-parallel workers when there are any
+        self.executor = make_executor(config)
+        self.runner = self.executor.runner
         cc = config.cache_config
         self.kv = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
         mc = config.model_config
@@ -152,7 +154,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return not self.paused and not self.sleeping and self.scheduler.has_schedulable_requests()
 
+    def check_health(self) -> None:
+        """Raise if part of the engine died (a tensor-parallel worker)."""
+        self.executor.check_health()
+
     def step(self) -> EngineCoreOutputs:
+        self.executor.check_health()
         if not self.has_work():
             return EngineCoreOutputs([], time.time())
         scheduler_output = self.scheduler.schedule()
@@ -161,7 +168,11 @@ class EngineCore:
                 self.offload.wait_any(timeout=0.05)  # only loads in flight: wait, not spin
             return EngineCoreOutputs([], time.time())
         structured = self.structured if self.structured and self.structured.live else None
-        result = self.runner.execute(scheduler_output, structured)
+        try:
+            result = self.runner.execute(scheduler_output, structured)
+        except RuntimeError:  # a failed collective: name the dead worker if there is one
+            self.executor.check_health(wait_s=0.5)
+            raise
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
@@ -237,6 +248,7 @@ class EngineCore:
             logger.info("second KV tier: %d cached blocks written before shutdown", stored)
         if self.offload is not None:
             self.offload.close()
+        self.executor.shutdown()
 
     def is_sleeping(self) -> bool:
         return bool(self.sleeping)

@@ -7,14 +7,14 @@ import gc
 import logging
 import math
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ScheduledRequest, SchedulerOutput, StepResult
-from kvflow.engine.protocol import LogprobsLists
+from kvflow.engine.protocol import LogprobsLists, WorkerStep
 from kvflow.model import cpu_kernels, hugepages
 from kvflow.model.attention import (
     build_attention_metadata,
@@ -28,6 +28,7 @@ from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logpr
 if TYPE_CHECKING:
     from kvflow.core.request import Request
     from kvflow.lora.manager import LoRASlotTable
+    from kvflow.model.llama import LlamaForCausalLM
     from kvflow.structured.manager import StructuredOutputManager
     from kvflow.worker.encoder_runner import EncoderRunner
 
@@ -39,12 +40,28 @@ logger = logging.getLogger(__name__)
 SAMPLE_ROWS = 32
 
 
-class ModelRunner:
-    """Owns the model, the KV cache tensors and the sampler of one engine core."""
+class TensorParallelRank(Protocol):
+    """What the runner of a tensor-parallel rank asks of its group (kvflow.distributed)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def load_model(self, config: EngineConfig) -> LlamaForCausalLM:
+        """This rank's shard of the model, hooked into the group's collectives."""
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        """The smallest KV block count any rank can hold: every rank uses it."""
+
+    def send_step(self, step: WorkerStep) -> None:
+        """Rank 0: hand the step's forward inputs to the other ranks."""
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler of one engine core (or of one
+    tensor-parallel rank: `parallel` then loads its shard and, on rank 0, broadcasts each
+    step)."""
+
+    def __init__(self, config: EngineConfig, parallel: TensorParallelRank | None = None) -> None:
         mc = config.model_config
         self.config = config
+        self.parallel = parallel
         self.device = mc.device
         self.dtype = mc.dtype
         if self.device.type == "cpu":
@@ -52,9 +69,12 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
-        self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+        self.model = (load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+                      if parallel is None else parallel.load_model(config))
         self.encoder_runner = self._encoder_runner(config)
         self.num_blocks = self._count_blocks(config, start)
+        if parallel is not None:
+            self.num_blocks = parallel.agree_num_blocks(self.num_blocks)
         self.kv_shape = kv_cache_shape(self.num_blocks, self.block_size,
                                        self.model.num_kv_heads, self.model.head_dim)
         self.num_layers = self.model.num_layers
@@ -224,6 +244,15 @@ class ModelRunner:
 
             metadata.lora = build_mapping([lora_slots[i] for i in order], query_lens,
                                           self.device)
+        ends = np.cumsum(query_lens) - 1
+        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
+        parts = [rows[first:first + SAMPLE_ROWS] for first in range(0, len(rows), SAMPLE_ROWS)]
+        prompt_spans = _prompt_logprob_spans(scheduled, ends)
+        if self.parallel is not None:  # the other ranks run the same forward and logit rows
+            self.parallel.send_step(WorkerStep(
+                input_ids.tolist(), query_lens, seq_lens, [list(s.block_ids) for s in scheduled],
+                [ends[part].tolist() for part in parts]
+                + [list(range(first, first + n)) for first, n in prompt_spans.values() if n]))
         input_ids = input_ids.to(self.device)
         embeds = None
         if self.encoder_runner is not None:
@@ -231,12 +260,9 @@ class ModelRunner:
             embeds = self.encoder_runner.input_embeddings(self.model, scheduled, input_ids)
         hidden = self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
                             embeds)  # [num_tokens, hidden]
-        ends = np.cumsum(query_lens) - 1
-        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
         logprobs: list[LogprobsLists | None] | None = None
-        for first in range(0, len(rows), SAMPLE_ROWS):
-            part = rows[first:first + SAMPLE_ROWS]
+        for part in parts:
             last = torch.as_tensor(ends[part], device=self.device)
             tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
                                                  hidden[last], structured)
@@ -246,7 +272,7 @@ class ModelRunner:
                 logprobs = logprobs or [None] * len(scheduled)
                 for row, lists in zip(part, part_logprobs, strict=True):
                     logprobs[row] = lists
-        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, prompt_spans)
         if order is None:
             return StepResult(sampled, logprobs, prompt_logprobs)
         return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
@@ -281,27 +307,39 @@ class ModelRunner:
                         for r, lists in zip(requests, per_row, strict=True)]
 
     def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor,
-                         ends: np.ndarray) -> list[LogprobsLists | None] | None:
+                         spans: dict[int, tuple[int, int]]) -> list[LogprobsLists | None] | None:
         """Logprobs of each prompt token given the tokens before it, for requests asking."""
-        result: list[LogprobsLists | None] | None = None
-        for i, s in enumerate(scheduled):
-            k = s.request.sampling_params.prompt_logprobs
-            start = s.request.num_computed_tokens
-            num_prompt = s.request.num_prompt_tokens
-            if k is None or s.request.num_output_tokens > 0:
-                continue
-            # positions start..start+n-1 predict tokens start+1..start+n (prompt only)
-            stop = min(start + s.num_new_tokens, num_prompt - 1)
-            if result is None:
-                result = [None] * len(scheduled)
-            if stop <= start:
+        if not spans:
+            return None
+        result: list[LogprobsLists | None] = [None] * len(scheduled)
+        for i, (first, count) in spans.items():
+            request = scheduled[i].request
+            if not count:
                 result[i] = LogprobsLists([], [], [])
                 continue
-            first = int(ends[i]) - s.num_new_tokens + 1
-            logits = self.model.compute_logits(hidden[first:first + stop - start])
-            targets = torch.tensor(s.request.all_token_ids[start + 1:stop + 1], device=self.device)
-            result[i] = _to_lists(compute_prompt_logprobs(logits, targets, k))
+            # positions start..start+n-1 predict tokens start+1..start+n (prompt only)
+            start = request.num_computed_tokens
+            logits = self.model.compute_logits(hidden[first:first + count])
+            targets = torch.tensor(request.all_token_ids[start + 1:start + count + 1],
+                                   device=self.device)
+            result[i] = _to_lists(compute_prompt_logprobs(
+                logits, targets, request.sampling_params.prompt_logprobs))
         return result
+
+
+def _prompt_logprob_spans(scheduled: list[ScheduledRequest],
+                          ends: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Requests whose prompt logprobs this step computes: index -> (first hidden row, rows);
+    0 rows when the step holds none of its prompt's predicted tokens."""
+    spans: dict[int, tuple[int, int]] = {}
+    for i, s in enumerate(scheduled):
+        request = s.request
+        if request.sampling_params.prompt_logprobs is None or request.num_output_tokens > 0:
+            continue
+        start = request.num_computed_tokens
+        stop = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
+        spans[i] = (int(ends[i]) - s.num_new_tokens + 1, max(0, stop - start))
+    return spans
 
 
 class _CudaMemory:
