@@ -135,7 +135,8 @@ def create_shared_area(world: int, capacity: int) -> int:
 class TensorParallelGroup:
     """This process's rank in the group and the collectives the sharded model needs.
 
-    Counts the time spent in collectives (comm_seconds), which the benchmark reports."""
+    Counts the calls of each collective and the seconds spent in them (`calls`, `seconds`;
+    on rank 0 that includes waiting for slower ranks), which the benchmark reports."""
 
     def __init__(self, store: Any, rank: int, world: int, device: torch.device,
                  shm: SharedMemoryAllReduce | None = None) -> None:
@@ -150,7 +151,12 @@ class TensorParallelGroup:
                                                  dist.ProcessGroupNCCL.Options())
         self.shm = shm
         self.head = torch.zeros(HEAD_BYTES, dtype=torch.uint8)
-        self.comm_seconds = 0.0
+        self.calls = dict.fromkeys(("all_reduce", "broadcast", "gather"), 0)
+        self.seconds = dict.fromkeys(("all_reduce", "broadcast", "gather"), 0.0)
+
+    def _count(self, name: str, start: float) -> None:
+        self.calls[name] += 1
+        self.seconds[name] += time.perf_counter() - start
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum over the ranks, in place; every rank ends with the same values."""
@@ -160,7 +166,7 @@ class TensorParallelGroup:
             self.shm(tensor)
         else:
             self.tensors.allreduce([tensor]).wait()
-        self.comm_seconds += time.perf_counter() - start
+        self._count("all_reduce", start)
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:
         """Rank 0's payload on every rank: one broadcast when it fits HEAD_BYTES."""
@@ -181,7 +187,7 @@ class TensorParallelGroup:
                 rest[:] = np.frombuffer(payload[room:], dtype=np.uint8)
             self.cpu.broadcast([torch.from_numpy(rest)], dist.BroadcastOptions()).wait()
             data += rest.tobytes()
-        self.comm_seconds += time.perf_counter() - start
+        self._count("broadcast", start)
         return data
 
     def gather_to_first(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
@@ -195,7 +201,7 @@ class TensorParallelGroup:
         else:
             parts = None
             self.tensors.gather([], [tensor], options).wait()
-        self.comm_seconds += time.perf_counter() - start
+        self._count("gather", start)
         return parts
 
     def minimum(self, value: int) -> int:
