@@ -62,7 +62,9 @@ class EngineArgs:
     stream_interval: int = _arg(1, "send streamed outputs every N tokens (first and last always)")
     disable_log_stats: bool = _arg(False, "do not log the periodic stats line")
     num_threads: int | None = _arg(None, "torch threads in the engine core (default: all cores)")
-    tensor_parallel_size: int = _arg(1, "GPUs per model replica (only 1 is supported yet)")
+    tensor_parallel_size: int = _arg(
+        1, "ranks one model is split over (torch.distributed: gloo on CPU, NCCL on GPUs); "
+        "each rank is a process with its share of the heads, FFN and vocabulary")
     quantization: str | None = _arg(
         None, "weight-only quantization: int8 (per-channel scales)", choices=["int8"])
     enforce_eager: bool = _arg(
@@ -110,8 +112,6 @@ class EngineArgs:
         from kvflow.model.registry import resolve_model
 
         _check_positive(self)
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size: only 1 is supported yet")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be 'int8' or None, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -133,6 +133,7 @@ class EngineArgs:
         if not self.enable_chunked_prefill:
             budget = max(budget, model_config.max_model_len)
         mm_config = self._mm_config(model_config)
+        self._check_tensor_parallel(model_config, device, mm_config is not None)
         cache = CacheConfig(
             block_size=self.block_size, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, num_kv_blocks=self.num_kv_blocks,
@@ -157,7 +158,31 @@ class EngineArgs:
             observability_config=ObservabilityConfig.parse(
                 self.otlp_traces_endpoint, self.collect_detailed_traces),
             attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
+
+    def _check_tensor_parallel(self, model_config: ModelConfig, device: torch.device,
+                               images: bool) -> None:
+        """tensor_parallel_size > 1: enough KV heads (and GPUs), and none of the features
+        whose state lives on one rank only."""
+        size = self.tensor_parallel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        if size == 1:
+            return
+        from kvflow.distributed.parallel_state import check_shardable
+
+        check_shardable(model_config.hf_config or {}, size)
+        if device.type == "cuda" and size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {size} exceeds the "
+                             f"{torch.cuda.device_count()} GPUs torch sees")
+        unsupported = {"enable_lora": self.enable_lora, "image inputs (LLaVA)": images,
+                       "enable_sleep_mode": self.enable_sleep_mode,
+                       "kv_offloading_size": self.kv_offloading_size is not None}
+        refused = [name for name, on in unsupported.items() if on]
+        if refused:
+            raise ValueError(f"tensor_parallel_size > 1 does not support {', '.join(refused)} "
+                             "yet")
 
     def _offloading(self) -> dict[str, Any]:
         """The second KV tier's CacheConfig fields (vLLM's kv_offloading_* names)."""
@@ -479,6 +504,7 @@ class EngineConfig:
     observability_config: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     attention_backend: str | None = None  # None: chosen at start (attention_backends)
     enforce_eager: bool = False  # no CUDA graphs of decode steps
+    tensor_parallel_size: int = 1  # ranks the model is split over (kvflow.distributed)
 
 
 @dataclass

@@ -18,7 +18,10 @@
  *   p[2 + 3j] weight, scale (NULL for float32), bias (or NULL) of projection j:
  *             0 qkv, 1 o, 2 gate_up, 3 down
  * Dimensions d: hidden, heads, kv_heads, head_dim, intermediate, weight kind (0 float32,
- * 1 int8, 2 bfloat16), KV cache in bfloat16 (0/1).
+ * 1 int8, 2 bfloat16), KV cache in bfloat16 (0/1), part (0: the whole layer; 1: up to the
+ * output projection; 2: from the post-attention norm on). Tensor parallelism runs the two
+ * parts with an all-reduce of `hidden` after each: each rank's o and down projections
+ * give a partial sum over its heads and FFN columns.
  * LoRA (lora.c), when `lora` is not NULL: lora[2j], lora[2j + 1] are the slot weights A and
  * B of projection j, lora_dims = {slots, max rank}, and lora_slots[T] each token's slot (-1:
  * none); each projection's adapters are added to its output before the output is used.
@@ -89,13 +92,15 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
                         int num_threads)
 {
     const int64_t H = d[0], nh = d[1], nkv = d[2], hd = d[3], I = d[4];
-    const int kind = (int)d[5], kv_bf16 = (int)d[6];
+    const int kind = (int)d[5], kv_bf16 = (int)d[6], part = (int)d[7];
     const int64_t qkv_width = (nh + 2 * nkv) * hd;
     float *x = scratch, *qkv = x + T * H, *q = qkv + T * qkv_width, *attn = q + T * nh * hd;
     float *gate_up = attn + T * nh * hd, *act = gate_up + T * 2 * I;
     const int64_t qkv_sizes[3] = {nh * hd, nkv * hd, nkv * hd}, gate_up_sizes[2] = {I, I};
     int failed = 0;
 
+    if (part == 2)
+        goto mlp;
     kvflow_rms_norm(hidden, residual, p[0], x, T, H, eps, num_threads);
     failed |= project(p, 0, kind, x, qkv, T, qkv_width, H, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 0, qkv, x, T, H, 3, qkv_sizes, num_threads);
@@ -109,6 +114,9 @@ int kvflow_decode_layer(void *const *p, const int64_t *d, float eps, float attn_
     failed |= project(p, 1, kind, attn, hidden, T, H, nh * hd, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 1, hidden, attn, T, nh * hd, 1, &H,
                        num_threads);
+    if (part == 1)
+        return failed;
+mlp:
     kvflow_rms_norm(hidden, residual, p[1], x, T, H, eps, num_threads);
     failed |= project(p, 2, kind, x, gate_up, T, 2 * I, H, num_threads);
     failed |= add_lora(lora, lora_dims, lora_slots, 2, gate_up, x, T, H, 2, gate_up_sizes,

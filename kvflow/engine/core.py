@@ -16,7 +16,7 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
-from kvflow.core.scheduler import Scheduler, SchedulerOutput
+from kvflow.core.scheduler import Scheduler, SchedulerOutput, StepResult
 from kvflow.engine.protocol import (
     EngineCoreOutputs,
     EngineCoreRequest,
@@ -38,13 +38,15 @@ class EngineCore:
     """schedule → execute → update; the same object runs in-process or in its own process."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from kvflow.worker.model_runner import ModelRunner  # heavy: loads torch models
+        from kvflow.distributed.executor import make_executor  # heavy: loads torch models
 
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.model_config.seed)
-        self.runner = ModelRunner(config)
+        # the model runner, and the tensor-parallel workers when there are any
+        self.executor = make_executor(config)
+        self.runner = self.executor.runner
         cc = config.cache_config
         self.kv = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
         mc = config.model_config
@@ -162,7 +164,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return not self.paused and not self.sleeping and self.scheduler.has_schedulable_requests()
 
+    def check_health(self) -> None:
+        """Raise if part of the engine died (a tensor-parallel worker)."""
+        self.executor.check_health()
+
     def step(self) -> EngineCoreOutputs:
+        self.executor.check_health()
         if not self.has_work():
             return EngineCoreOutputs([], time.time())
         scheduler_output = self.scheduler.schedule()
@@ -173,18 +180,26 @@ class EngineCore:
         structured = self.structured if self.structured and self.structured.live else None
         if self._time_steps:
             return self._timed_step(scheduler_output, structured)
-        result = self.runner.execute(scheduler_output, structured)
+        result = self._execute(scheduler_output, structured)
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
         return EngineCoreOutputs(outputs, time.time())
+
+    def _execute(self, scheduler_output: SchedulerOutput,
+                 structured: StructuredOutputManager | None) -> StepResult:
+        try:
+            return self.runner.execute(scheduler_output, structured)
+        except RuntimeError:  # a failed collective: name the dead worker if there is one
+            self.executor.check_health(wait_s=0.5)
+            raise
 
     def _timed_step(self, scheduler_output: SchedulerOutput,
                     structured: StructuredOutputManager | None) -> EngineCoreOutputs:
         """step() for detailed traces: each request adds up the model steps it was in."""
         requests = {s.request.request_id: s.request for s in scheduler_output.scheduled}
         start = time.perf_counter()
-        result = self.runner.execute(scheduler_output, structured)
+        result = self._execute(scheduler_output, structured)
         spent = time.perf_counter() - start
         for request in requests.values():
             request.model_execute_time += spent
@@ -267,6 +282,7 @@ class EngineCore:
             logger.info("second KV tier: %d cached blocks written before shutdown", stored)
         if self.offload is not None:
             self.offload.close()
+        self.executor.shutdown()
 
     def is_sleeping(self) -> bool:
         return bool(self.sleeping)

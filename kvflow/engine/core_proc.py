@@ -53,6 +53,8 @@ InputItem = tuple[RequestType, Any]
 # after this long without work the loop hands it back, so an idle engine is back at weights +
 # KV cache + runtime.
 TRIM_AFTER_IDLE_S = 0.5
+# An idle loop checks the core's health this often (tensor-parallel workers).
+HEALTH_CHECK_S = 1.0
 
 
 class BusyLoop:
@@ -74,7 +76,7 @@ class BusyLoop:
                     if stepped:  # idle a while: the steps' freed heap goes back to the OS
                         release_freed_memory()
                         stepped = False
-                    item = self.inputs.get()
+                    item = self._wait_for_input()
                 self._handle(item)
             while self.running and not self.inputs.empty():
                 self._handle(self.inputs.get_nowait())
@@ -86,6 +88,15 @@ class BusyLoop:
                         outputs.scheduler_stats = self.core.get_stats()
                     self.send(outputs)
         self.core.shutdown()  # told to stop (a failure skips this: nothing is saved then)
+
+    def _wait_for_input(self) -> InputItem:
+        """Block until an input arrives, checking every second that the engine is whole (a
+        dead tensor-parallel worker raises here, and the engine dies visibly)."""
+        while True:
+            try:
+                return self.inputs.get(timeout=HEALTH_CHECK_S)
+            except queue.Empty:
+                self.core.check_health()
 
     def _handle(self, item: InputItem) -> None:
         kind, payload = item

@@ -1,4 +1,5 @@
-"""Every message that crosses the ZMQ boundary between the client and the engine core.
+"""Every message that crosses a process boundary: between the client and the engine core
+(ZMQ), and from the engine core to its tensor-parallel workers (`WorkerStep`).
 
 Nothing else is sent between the processes: requests go one way as `EngineCoreRequest`,
 aborts and utility calls as small structs, and everything comes back as `EngineCoreOutputs`.
@@ -168,3 +169,19 @@ class ReadyMessage(msgspec.Struct):
     num_kv_blocks: int = 0
     max_concurrency: float = 0.0
     error: str | None = None
+
+
+class WorkerStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One step's forward inputs, broadcast by tensor-parallel rank 0 (in the engine core)
+    to the other ranks, which run the same forward on their shards; `stop` ends them.
+
+    `logit_rows` lists, in rank 0's order, each group of hidden rows whose logits rank 0
+    computes (sampling parts, prompt logprobs): every rank computes its vocabulary slice
+    of the same rows, gathered to rank 0."""
+
+    input_ids: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    block_ids: list[list[int]] = []
+    logit_rows: list[list[int]] = []
+    stop: bool = False

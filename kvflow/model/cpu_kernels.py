@@ -163,6 +163,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvflow_lora_add.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                     _i64, _ptr, ctypes.c_int]
     lib.kvflow_lora_add.restype = ctypes.c_int
+    lib.kvflow_shm_all_reduce.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
+                                          ctypes.c_double]
+    lib.kvflow_shm_all_reduce.restype = ctypes.c_int
+    lib.kvflow_shm_set_abort.argtypes = [_ptr, _i64]
+    lib.kvflow_shm_set_abort.restype = None
     return lib
 
 
@@ -391,7 +396,8 @@ class DecodeLayer:
         self.pointers = (ctypes.c_void_p * len(tensors))(
             *(None if t is None else t.data_ptr() for t in tensors))
         self._tensors = tensors  # keeps the float32 copies alive as long as their pointers
-        self.dims = (ctypes.c_int64 * 7)(*dims, kind, 0)  # [6]: bf16 cache, set per call
+        # [6]: bf16 cache, [7]: which part of the layer (tensor parallel), both set per call
+        self.dims = (ctypes.c_int64 * 8)(*dims, kind, 0, 0)
         self.eps, self.scale = eps, scale
         hidden, heads, kv_heads, head_dim, inter = dims
         self.scratch_per_token = hidden + (3 * heads + 2 * kv_heads) * head_dim + 3 * inter
@@ -406,13 +412,17 @@ class DecodeLayer:
 def decode_layer(layer: DecodeLayer, hidden: torch.Tensor, residual: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                  slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scratch: torch.Tensor, lora_slots: torch.Tensor | None = None) -> None:
+                 scratch: torch.Tensor, lora_slots: torch.Tensor | None = None,
+                 part: int = 0) -> None:
     """One decoder layer over T decode tokens [T, hidden], in place: residual += hidden (the
     layer's input) ... hidden = the layer's MLP output. See csrc/decode_layer.c.
 
-    lora_slots [T] int64: each token's adapter slot (-1: none), or None for no LoRA."""
+    lora_slots [T] int64: each token's adapter slot (-1: none), or None for no LoRA.
+    part: 0 the whole layer, 1 up to the output projection (hidden = its output), 2 the rest
+    (tensor parallelism all-reduces hidden between the parts)."""
     with_lora = lora_slots is not None and layer.lora is not None
     layer.dims[6] = int(kv_cache.dtype == torch.bfloat16)
+    layer.dims[7] = part
     status = _lib().kvflow_decode_layer(
         layer.pointers, layer.dims, layer.eps, layer.scale, hidden.data_ptr(),
         residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), *_key_value_addresses(kv_cache),

@@ -48,6 +48,8 @@ LORA_TARGETS = {
 
 # make(layer index, kvflow projection name, input features, output width of each part)
 MakeLoRAHook = Callable[[int, str, int, list[int]], LoRAHook]
+# Sums a tensor over the tensor-parallel ranks, in place (kvflow.distributed provides it).
+AllReduce = Callable[[torch.Tensor], None]
 
 
 def head_dim_of(config: Any) -> int:
@@ -139,6 +141,9 @@ class LlamaDecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Tensor parallelism (set by set_all_reduce): sums, in place, the ranks' partial
+        # outputs of the row-parallel o and down projections.
+        self.all_reduce: AllReduce | None = None
 
     def forward(
         self,
@@ -152,8 +157,13 @@ class LlamaDecoderLayer(nn.Module):
         norm) adds the two. The residual is None for the first layer."""
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
+        if self.all_reduce is not None:
+            self.all_reduce(hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, metadata.lora), residual  # [T, hidden] each
+        hidden = self.mlp(hidden, metadata.lora)  # [T, hidden]
+        if self.all_reduce is not None:
+            self.all_reduce(hidden)
+        return hidden, residual
 
 
 class LlamaModel(nn.Module):
@@ -178,6 +188,7 @@ class LlamaModel(nn.Module):
         # a CPU without bf16 arithmetic (set by the loader), where torch's bf16 ops are
         # emulated and a 512-token prefill ran 0.78-0.87x as fast as float32.
         self.activation_dtype: torch.dtype | None = None
+        self.all_reduce: AllReduce | None = None  # tensor parallelism: see set_all_reduce
 
     def forward(
         self,
@@ -250,10 +261,21 @@ class LlamaModel(nn.Module):
         group = metadata.decodes[0]
         scratch = hidden.new_empty(hidden.shape[0] * c_layers[0].scratch_per_token)
         lora_slots = None if metadata.lora is None else metadata.lora.token_slots
-        for layer, kv_cache in zip(c_layers, kv_caches, strict=True):
+
+        def run(layer: cpu_kernels.DecodeLayer, kv_cache: torch.Tensor, part: int) -> None:
             cpu_kernels.decode_layer(layer, hidden, residual, cos, sin, kv_cache,
                                      metadata.slot_mapping, group.blocks, group.seq_lens, scratch,
-                                     lora_slots)
+                                     lora_slots, part)
+
+        for layer, kv_cache in zip(c_layers, kv_caches, strict=True):
+            if self.all_reduce is None:
+                run(layer, kv_cache, 0)
+                continue
+            # tensor parallel: the layer in two calls, split where the ranks' sums meet
+            run(layer, kv_cache, 1)
+            self.all_reduce(hidden)
+            run(layer, kv_cache, 2)
+            self.all_reduce(hidden)
         return self.norm(hidden, residual)[0]  # [T, hidden]
 
 
@@ -314,6 +336,14 @@ class LlamaForCausalLM(nn.Module):
             mlp.gate_up_lora = make(index, "gate_up_proj", hidden, [inter, inter])
             mlp.down_lora = make(index, "down_proj", inter, [hidden])
         self.model._c_layers = None  # rebuilt with the adapters' slot weights
+
+    def set_all_reduce(self, all_reduce: AllReduce) -> None:
+        """Tensor parallelism: each layer sums its row-parallel projections' outputs over
+        the ranks (after attention and after the MLP, in both the per-op and C paths)."""
+        self.model.all_reduce = all_reduce
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [R, vocab] for selected hidden states [R, hidden]."""

@@ -36,6 +36,9 @@ from kvflow.model.llava import (
 # Qwen2 is Llama with biases on the q/k/v projections.
 logger = logging.getLogger(__name__)
 
+# (name, tensor) pairs in, (name, tensor) pairs out: a rank's slices (tensor parallelism)
+WeightFilter = Callable[[Iterator[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]]
+
 ARCHITECTURES: MappingProxyType[str, Callable[[Any], LlamaForCausalLM]] = MappingProxyType(
     {
         "LlamaForCausalLM": LlamaForCausalLM,
@@ -149,7 +152,8 @@ def _read_safetensors(file: Path, keep: Callable[[str], bool] | None = None
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device,
                quantization: str | None = None,
-               hf_config: dict[str, Any] | None = None) -> LlamaForCausalLM:
+               hf_config: dict[str, Any] | None = None,
+               shard: WeightFilter | None = None) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype`, load its weights, return it in eval mode.
 
     Parameters start on the meta device, so no memory is spent on random initialization and
@@ -157,7 +161,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
     huge pages (quantized models move there once quantized). The return type is the
     one class all supported architectures share (an nn.Module). `hf_config`, the resolved
     config as a dict (ModelConfig.hf_config), spares reading config.json through
-    transformers' model classes.
+    transformers' model classes. `shard` (tensor parallelism) slices each checkpoint tensor
+    to this rank's part as it is read; `hf_config` then gives the rank's smaller shapes.
     """
     config = PretrainedConfig.from_dict(hf_config) if hf_config else load_hf_config(path)
     architecture_of(config)
@@ -175,7 +180,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
         model.load_weights((split_weight_name(n)[1], t) for n, t in iterate_weights(
             files, keep=lambda name: not split_weight_name(name)[0]))
     else:
-        model.load_weights(iterate_weights(files))
+        weights = iterate_weights(files)
+        model.load_weights(weights if shard is None else shard(weights))
     model.requires_grad_(False)
     if quantization is not None:
         from kvflow.model.quant import quantize_model_

@@ -7,14 +7,14 @@ import gc
 import logging
 import math
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from kvflow.config import EngineConfig
 from kvflow.core.scheduler import ScheduledRequest, SchedulerOutput, StepResult
-from kvflow.engine.protocol import LogprobsLists
+from kvflow.engine.protocol import LogprobsLists, WorkerStep
 from kvflow.model import hugepages
 from kvflow.model.attention import kv_cache_bytes_per_block, kv_cache_shape
 from kvflow.model.attention_backends import ATTENTION_BACKENDS, select_attention_backend
@@ -26,6 +26,7 @@ from kvflow.worker.cuda_graphs import DecodeGraphs
 if TYPE_CHECKING:
     from kvflow.core.request import Request
     from kvflow.lora.manager import LoRASlotTable
+    from kvflow.model.llama import LlamaForCausalLM
     from kvflow.structured.manager import StructuredOutputManager
     from kvflow.worker.encoder_runner import EncoderRunner
 
@@ -40,12 +41,28 @@ SAMPLE_ROWS = 32
 CUDA_SAMPLE_ROWS = 1024
 
 
-class ModelRunner:
-    """Owns the model, the KV cache tensors and the sampler of one engine core."""
+class TensorParallelRank(Protocol):
+    """What the runner of a tensor-parallel rank asks of its group (kvflow.distributed)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def load_model(self, config: EngineConfig) -> LlamaForCausalLM:
+        """This rank's shard of the model, hooked into the group's collectives."""
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        """The smallest KV block count any rank can hold: every rank uses it."""
+
+    def send_step(self, step: WorkerStep) -> None:
+        """Rank 0: hand the step's forward inputs to the other ranks."""
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler of one engine core (or of one
+    tensor-parallel rank: `parallel` then loads its shard and, on rank 0, broadcasts each
+    step)."""
+
+    def __init__(self, config: EngineConfig, parallel: TensorParallelRank | None = None) -> None:
         mc = config.model_config
         self.config = config
+        self.parallel = parallel
         self.device = mc.device
         self.dtype = mc.dtype
         if self.device.type == "cpu":
@@ -53,7 +70,8 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
-        self.model = load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+        self.model = (load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
+                      if parallel is None else parallel.load_model(config))
         self.encoder_runner = self._encoder_runner(config)
         # cpu: rotary, the cache write and decode attention in C (float32 or bfloat16 on a
         # CPU); triton: paged kernels (CUDA); torch: the pure-torch path.
@@ -62,10 +80,12 @@ class ModelRunner:
         self.cpu_kernel = self.attention_backend == "cpu"
         self.build_metadata = ATTENTION_BACKENDS[self.attention_backend]()
         self.num_blocks = self._count_blocks(config, start)
+        if parallel is not None:
+            self.num_blocks = parallel.agree_num_blocks(self.num_blocks)
         # CUDA graphs of decode steps (enforce_eager: none) write their padding rows' K/V
         # into one scratch block past the scheduler's.
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                                and self.attention_backend == "triton"
+                                and self.attention_backend == "triton" and parallel is None
                                 and config.lora_config is None and self.encoder_runner is None)
         self.kv_shape = kv_cache_shape(self.num_blocks + int(self.use_cuda_graphs),
                                        self.block_size, self.model.num_kv_heads,
@@ -238,6 +258,16 @@ class ModelRunner:
             np.arange(seq_len - q, seq_len, dtype=np.int64)
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
+        ends = np.cumsum(query_lens) - 1
+        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
+        part_rows = self._sample_rows()
+        parts = [rows[first:first + part_rows] for first in range(0, len(rows), part_rows)]
+        prompt_spans = _prompt_logprob_spans(scheduled, ends)
+        if self.parallel is not None:  # the other ranks run the same forward and logit rows
+            self.parallel.send_step(WorkerStep(
+                input_ids.tolist(), query_lens, seq_lens, [list(s.block_ids) for s in scheduled],
+                [ends[part].tolist() for part in parts]
+                + [list(range(first, first + n)) for first, n in prompt_spans.values() if n]))
         hidden = None  # [num_tokens, hidden]
         if self.cuda_graphs is not None and lora_slots is None:  # decode-only steps replay
             hidden = self.cuda_graphs.run(query_lens, seq_lens, [s.block_ids for s in scheduled],
@@ -245,13 +275,9 @@ class ModelRunner:
         if hidden is None:
             hidden = self._forward(out, scheduled, query_lens, seq_lens, input_ids, positions,
                                    lora_slots, order)
-        ends = np.cumsum(query_lens) - 1
-        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         sampled: list[int | None] = [None] * len(scheduled)
         logprobs: list[LogprobsLists | None] | None = None
-        part_rows = self._sample_rows()
-        for first in range(0, len(rows), part_rows):
-            part = rows[first:first + part_rows]
+        for part in parts:
             last = torch.as_tensor(ends[part], device=self.device)
             tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
                                                  hidden[last], structured)
@@ -261,7 +287,7 @@ class ModelRunner:
                 logprobs = logprobs or [None] * len(scheduled)
                 for row, lists in zip(part, part_logprobs, strict=True):
                     logprobs[row] = lists
-        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, prompt_spans)
         if order is None:
             return StepResult(sampled, logprobs, prompt_logprobs)
         return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
@@ -319,27 +345,39 @@ class ModelRunner:
                         for r, lists in zip(requests, per_row, strict=True)]
 
     def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor,
-                         ends: np.ndarray) -> list[LogprobsLists | None] | None:
+                         spans: dict[int, tuple[int, int]]) -> list[LogprobsLists | None] | None:
         """Logprobs of each prompt token given the tokens before it, for requests asking."""
-        result: list[LogprobsLists | None] | None = None
-        for i, s in enumerate(scheduled):
-            k = s.request.sampling_params.prompt_logprobs
-            start = s.request.num_computed_tokens
-            num_prompt = s.request.num_prompt_tokens
-            if k is None or s.request.num_output_tokens > 0:
-                continue
-            # positions start..start+n-1 predict tokens start+1..start+n (prompt only)
-            stop = min(start + s.num_new_tokens, num_prompt - 1)
-            if result is None:
-                result = [None] * len(scheduled)
-            if stop <= start:
+        if not spans:
+            return None
+        result: list[LogprobsLists | None] = [None] * len(scheduled)
+        for i, (first, count) in spans.items():
+            request = scheduled[i].request
+            if not count:
                 result[i] = LogprobsLists([], [], [])
                 continue
-            first = int(ends[i]) - s.num_new_tokens + 1
-            logits = self.model.compute_logits(hidden[first:first + stop - start])
-            targets = torch.tensor(s.request.all_token_ids[start + 1:stop + 1], device=self.device)
-            result[i] = _to_lists(compute_prompt_logprobs(logits, targets, k))
+            # positions start..start+n-1 predict tokens start+1..start+n (prompt only)
+            start = request.num_computed_tokens
+            logits = self.model.compute_logits(hidden[first:first + count])
+            targets = torch.tensor(request.all_token_ids[start + 1:start + count + 1],
+                                   device=self.device)
+            result[i] = _to_lists(compute_prompt_logprobs(
+                logits, targets, request.sampling_params.prompt_logprobs))
         return result
+
+
+def _prompt_logprob_spans(scheduled: list[ScheduledRequest],
+                          ends: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Requests whose prompt logprobs this step computes: index -> (first hidden row, rows);
+    0 rows when the step holds none of its prompt's predicted tokens."""
+    spans: dict[int, tuple[int, int]] = {}
+    for i, s in enumerate(scheduled):
+        request = s.request
+        if request.sampling_params.prompt_logprobs is None or request.num_output_tokens > 0:
+            continue
+        start = request.num_computed_tokens
+        stop = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
+        spans[i] = (int(ends[i]) - s.num_new_tokens + 1, max(0, stop - start))
+    return spans
 
 
 class _CudaMemory:

@@ -1,0 +1,1 @@
+"""Tensor parallelism (issue 20) and data-parallel scale-out."""
