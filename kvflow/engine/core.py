@@ -17,7 +17,12 @@ from kvflow.config import EngineConfig
 from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler
-from kvflow.engine.protocol import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from kvflow.engine.protocol import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    KVCacheEvents,
+    SchedulerStats,
+)
 from kvflow.lora.request import LoRARequest
 
 if TYPE_CHECKING:
@@ -42,6 +47,9 @@ class EngineCore:
         self.runner = ModelRunner(config)
         cc = config.cache_config
         self.kv = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        dp = config.data_parallel_config
+        if dp is not None and dp.kv_cache_events and cc.enable_prefix_caching:
+            self.kv.event_state = {}  # a replica: the client's router mirrors its cache
         mc = config.model_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv, mc.max_model_len)
         self.paused = False
@@ -165,7 +173,11 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
-        return EngineCoreOutputs(outputs, time.time())
+        return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())
+
+    def take_kv_events(self) -> KVCacheEvents | None:
+        """Prefix-cache changes not reported yet (a utility call such as a reset made them)."""
+        return self.kv.take_events()
 
     # ---- utility calls (also reachable over ZMQ by name) ------------------------------
     def pause(self) -> None:

@@ -1,0 +1,1 @@
+"""Scale-out: data-parallel replicas, their router and the Ray backend; tensor parallel."""
