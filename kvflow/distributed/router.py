@@ -18,8 +18,9 @@ ROUTINGS = ("prefix_aware", "round_robin")
 # A replica may take a request while its load is at most the lightest live replica's load
 # plus max(LOAD_SLACK, LOAD_SLACK_FRACTION x that load). Small enough that no replica piles
 # up work while another idles; wide enough that a conversation's next turn usually finds
-# its replica eligible (a miss there recomputes the whole history).
-LOAD_SLACK = 2
+# its replica eligible even when a burst of turns arrives in an unlucky order (a miss there
+# recomputes the whole history, which costs far more than a few requests' imbalance).
+LOAD_SLACK = 4
 LOAD_SLACK_FRACTION = 0.25
 
 
