@@ -28,9 +28,11 @@ def prompt_ids(seed: int, length: int) -> list[int]:
 
 async def run(engine: AsyncLLM, request_id: str, ids: list[int], sp: SamplingParams
               ) -> list[int]:
+    """Every token the request produced (all n completions)."""
     tokens: list[int] = []
     async for out in engine.generate({"prompt_token_ids": ids}, sp, request_id):
-        tokens.extend(out.outputs[0].token_ids)
+        for completion in out.outputs:
+            tokens.extend(completion.token_ids)
     return tokens
 
 
