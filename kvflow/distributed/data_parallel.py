@@ -205,6 +205,9 @@ class DataParallelClient(CoreClient):
     def engine_stats(self) -> list[SchedulerStats | None]:
         return list(self.latest_stats)
 
+    def routed_counts(self) -> list[int]:
+        return list(self.router.routed)
+
     # ---- utility calls: every live replica -------------------------------------------------
     async def call_each(self, method: str, *args: Any) -> list[Any]:
         """Call every live replica at once; None for a dead one. A replica's ValueError (a

@@ -173,6 +173,10 @@ class CoreClient:
         """Each replica's latest stats (data parallel); None for a single core."""
         return None
 
+    def routed_counts(self) -> list[int]:
+        """Requests sent to each core since start (data parallel: the router's choices)."""
+        return []
+
     async def get_output(self) -> EngineCoreOutputs:
         return await self.bridge.get()
 

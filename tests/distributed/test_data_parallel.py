@@ -316,3 +316,26 @@ async def test_killing_one_replica_ends_its_streams_only(engine: AsyncLLM) -> No
     assert routes["after"] != victim
     assert (await engine.get_engine_stats())[victim] is None
     await assert_dp_clean(engine)
+
+
+@pytest.mark.slow
+def test_kvflow_serve_with_two_replicas(tiny_llama_path: Path) -> None:
+    """`kvflow serve --data-parallel-size 2`: answers, and /metrics has per-engine series."""
+    import httpx
+
+    from tests.entrypoints.conftest import RemoteServer
+
+    with RemoteServer([str(tiny_llama_path), "--data-parallel-size", "2",
+                       "--data-parallel-routing", "round_robin", "--kv-cache-memory-gb",
+                       "0.05", "--disable-log-stats"]) as server:
+        client = server.client()
+        for i in range(4):
+            reply = client.completions.create(model=str(tiny_llama_path), prompt=f"Hi {i}",
+                                              max_tokens=3)
+            assert reply.choices[0].text is not None
+        text = httpx.get(server.url("/metrics")).text
+        for engine in ("0", "1"):
+            assert (f'kvflow:engine_requests_routed_total{{engine="{engine}",'
+                    f'model_name="{tiny_llama_path}"}} 2.0') in text
+            assert f'kvflow:engine_alive{{engine="{engine}"' in text
+        assert httpx.get(server.url("/health")).status_code == 200
