@@ -180,7 +180,7 @@ def test_data_parallel_arguments_are_checked() -> None:
 def engine(tiny_llama_path: Path):
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(tiny_llama_path), kv_cache_memory_gb=0.05, max_num_seqs=64,
-        data_parallel_size=2, disable_log_stats=True))
+        data_parallel_size=2, disable_log_stats=True, enable_lora=True))
     yield llm
     llm.shutdown()
 
@@ -280,6 +280,36 @@ async def test_utilities_reach_both_replicas(engine: AsyncLLM) -> None:
     await assert_dp_clean(engine)
 
 
+async def test_lora_reaches_both_replicas_and_keys_routing_as_the_core(
+        engine: AsyncLLM, tiny_llama_path: Path, tmp_path: Path) -> None:
+    from kvflow.lora.request import LoRARequest
+    from tests.lora.adapters import make_adapter
+
+    folder = make_adapter(tiny_llama_path, tmp_path / "qv4", 4, ("q_proj", "v_proj"), seed=1)
+    lora = LoRARequest("qv4", 7, str(folder))
+    assert await engine.add_lora(lora)
+    assert await engine.engine_core.call_each("list_loras") == [[7], [7]]
+    assert await engine.pin_lora(7)
+    routes = record_routes(engine)
+    ids = prompt_ids(31337, 50)
+    tokens = []
+    async for out in engine.generate({"prompt_token_ids": ids}, params(4), "lora-turn",
+                                     lora_request=lora):
+        tokens.extend(out.outputs[0].token_ids)
+    assert len(tokens) == 4
+    client = dp_client(engine)
+    request = EngineCoreRequest("probe", ids, SamplingParams(max_tokens=1), [2], 0.0,
+                                lora_request=lora)
+    hashes = client._block_hashes(request)
+    assert len(hashes) == 3  # the client keys the blocks with the adapter's digest, as
+    assert client.router.indexes[routes["lora-turn"]].match(hashes) == 3  # the core did
+    plain = client._block_hashes(EngineCoreRequest("p", ids, SamplingParams(), [2], 0.0))
+    assert client.router.indexes[routes["lora-turn"]].match(plain) == 0
+    assert await engine.remove_lora(7)
+    assert await engine.list_loras() == set()
+    await assert_dp_clean(engine)
+
+
 async def test_killing_one_replica_ends_its_streams_only(engine: AsyncLLM) -> None:
     """(Last in this module: it kills one of the shared engine's replicas.)"""
     client = dp_client(engine)
@@ -339,3 +369,10 @@ def test_kvflow_serve_with_two_replicas(tiny_llama_path: Path) -> None:
                     f'model_name="{tiny_llama_path}"}} 2.0') in text
             assert f'kvflow:engine_alive{{engine="{engine}"' in text
         assert httpx.get(server.url("/health")).status_code == 200
+
+
+def test_the_synchronous_llm_refuses_replicas(tiny_llama_path: Path) -> None:
+    from kvflow import LLM
+
+    with pytest.raises(ValueError, match="needs AsyncLLM"):
+        LLM(str(tiny_llama_path), data_parallel_size=2, kv_cache_memory_gb=0.05)
