@@ -20,6 +20,7 @@ import gc
 import importlib.util
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ async def chat(engine: AsyncLLM, args: argparse.Namespace) -> list[float]:
                 m = out.metrics
                 if turn > 0 and m is not None and m.first_token_time is not None:
                     ttfts.append(m.first_token_time - m.arrival_time)
+        print(f"  turn {turn + 1}/{args.turns} done", file=sys.stderr, flush=True)
     return ttfts
 
 

@@ -180,7 +180,8 @@ def test_data_parallel_arguments_are_checked() -> None:
 def engine(tiny_llama_path: Path):
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(tiny_llama_path), kv_cache_memory_gb=0.05, max_num_seqs=64,
-        data_parallel_size=2, disable_log_stats=True, enable_lora=True))
+        data_parallel_size=2, disable_log_stats=True, enable_lora=True,
+        enable_sleep_mode=True))
     yield llm
     llm.shutdown()
 
@@ -262,6 +263,7 @@ async def test_conversation_turns_stick_to_one_replica(engine: AsyncLLM) -> None
 
 async def test_utilities_reach_both_replicas(engine: AsyncLLM) -> None:
     client = dp_client(engine)
+    assert len(await run(engine, "before-reset", prompt_ids(4141, 40), params(2))) == 2
     cached_before = set().union(*(index.hashes for index in client.router.indexes))
     assert cached_before
     await engine.pause_generation(mode="keep")
@@ -277,6 +279,18 @@ async def test_utilities_reach_both_replicas(engine: AsyncLLM) -> None:
     assert len(stats) == 2 and all(s is not None for s in stats)
     assert not await engine.is_sleeping()
     await engine.check_health()
+    await assert_dp_clean(engine)
+
+
+async def test_sleep_and_wake_reach_both_replicas(engine: AsyncLLM) -> None:
+    await engine.sleep(1)
+    assert await engine.engine_core.call_each("is_sleeping") == [True, True]
+    waiting = asyncio.create_task(run(engine, "slept", prompt_ids(11, 20), params(3)))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # held in the client while the replicas sleep
+    await engine.wake_up()
+    assert await engine.engine_core.call_each("is_sleeping") == [False, False]
+    assert len(await asyncio.wait_for(waiting, timeout=60)) == 3
     await assert_dp_clean(engine)
 
 
