@@ -70,7 +70,8 @@ class DataParallelClient(CoreClient):
         self.owner: dict[str, int] = {}  # request id -> its replica
         self.family_of: dict[str, str] = {}  # request id -> affinity (n > 1 parent id)
         self.families: dict[str, tuple[int, int]] = {}  # affinity -> (replica, in flight)
-        self.latest_stats: list[SchedulerStats | None] = [None] * len(replicas)
+        # each replica's latest stats (zeros until its first report; None once it died)
+        self.latest_stats: list[SchedulerStats | None] = [SchedulerStats() for _ in replicas]
         self._lora_keys: dict[tuple[int, str], str | None] = {}
         self._ended: set[int] = set()  # replicas whose death has been handled
         self.num_kv_blocks = min(r.num_kv_blocks for r in replicas)  # a request fits one

@@ -143,6 +143,7 @@ async def test_one_death_ends_only_its_requests() -> None:
     assert sorted(failed.value.request_ids) == on_zero
     assert "replica 0" in str(failed.value.error)
     dp.check_alive()  # the engine still serves
+    assert dp.engine_stats()[0] is None and dp.engine_stats()[1] == SchedulerStats()
     with pytest.raises(EngineDeadError, match=r"replica\(s\) \[0\]"):
         dp.check_health()
     dp.add_request(request("after"))
