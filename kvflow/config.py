@@ -26,6 +26,10 @@ _DTYPES = {
 # vLLM's largest supported max_lora_rank.
 MAX_LORA_RANK = 512
 
+# Data parallel: where replicas run, and how a request picks one.
+DATA_PARALLEL_BACKENDS = ("mp", "ray")
+DATA_PARALLEL_ROUTINGS = ("prefix_aware", "round_robin")
+
 
 def _arg(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -106,6 +110,18 @@ class EngineArgs:
         None, 'JSON grammar options, as JSON: {"disable_any_whitespace": false} allows '
         'bounded whitespace, {"disable_additional_properties": false} lets schemas that do '
         "not say additionalProperties accept undeclared properties (both default true)")
+    # data parallel: engine-core replicas behind one client (kvflow/distributed/)
+    data_parallel_size: int = _arg(1, "engine-core replicas, each with its own KV cache")
+    data_parallel_backend: str = _arg(
+        "mp", "where replicas run: mp (processes here) or ray (Ray actors, across machines)",
+        choices=list(DATA_PARALLEL_BACKENDS))
+    data_parallel_address: str | None = _arg(
+        None, "Ray cluster to join with --data-parallel-backend ray (default: RAY_ADDRESS, "
+        "else a Ray cluster started on this machine, else a new local one)")
+    data_parallel_routing: str = _arg(
+        "prefix_aware", "how requests pick a replica: prefix_aware (the replica holding the "
+        "longest cached prefix, balanced against load) or round_robin",
+        choices=list(DATA_PARALLEL_ROUTINGS))
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -159,6 +175,7 @@ class EngineArgs:
                 self.otlp_traces_endpoint, self.collect_detailed_traces),
             attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_config=self._data_parallel_config(),
         )
 
     def _check_tensor_parallel(self, model_config: ModelConfig, device: torch.device,
@@ -183,6 +200,25 @@ class EngineArgs:
         if refused:
             raise ValueError(f"tensor_parallel_size > 1 does not support {', '.join(refused)} "
                              "yet")
+
+    def _data_parallel_config(self) -> DataParallelConfig | None:
+        """Replica settings; None for one engine core (the plain path, nothing added)."""
+        size = self.data_parallel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"data_parallel_size must be an integer >= 1, got {size!r}")
+        if self.data_parallel_backend not in DATA_PARALLEL_BACKENDS:
+            raise ValueError(f"data_parallel_backend must be one of "
+                             f"{', '.join(DATA_PARALLEL_BACKENDS)}; got "
+                             f"{self.data_parallel_backend!r}")
+        if self.data_parallel_routing not in DATA_PARALLEL_ROUTINGS:
+            raise ValueError(f"data_parallel_routing must be one of "
+                             f"{', '.join(DATA_PARALLEL_ROUTINGS)}; got "
+                             f"{self.data_parallel_routing!r}")
+        if size == 1:
+            return None
+        return DataParallelConfig(size=size, backend=self.data_parallel_backend,
+                                  address=self.data_parallel_address,
+                                  routing=self.data_parallel_routing)
 
     def _offloading(self) -> dict[str, Any]:
         """The second KV tier's CacheConfig fields (vLLM's kv_offloading_* names)."""
@@ -488,6 +524,21 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class DataParallelConfig:
+    """Engine-core replicas behind one AsyncLLM client (data_parallel_size > 1)."""
+
+    size: int
+    backend: str  # "mp" (processes on this machine) or "ray" (actors on a Ray cluster)
+    address: str | None  # the Ray cluster to join (None: RAY_ADDRESS or a local one)
+    routing: str  # "prefix_aware" or "round_robin"
+
+    @property
+    def kv_cache_events(self) -> bool:
+        """Whether each replica reports its prefix cache's changes (the router's index)."""
+        return self.routing == "prefix_aware"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, validated and frozen."""
 
@@ -505,6 +556,7 @@ class EngineConfig:
     attention_backend: str | None = None  # None: chosen at start (attention_backends)
     enforce_eager: bool = False  # no CUDA graphs of decode steps
     tensor_parallel_size: int = 1  # ranks the model is split over (kvflow.distributed)
+    data_parallel_config: DataParallelConfig | None = None
 
 
 @dataclass

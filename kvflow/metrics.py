@@ -71,7 +71,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, lora: bool = False) -> None:
+    def __init__(self, model_name: str, lora: bool = False, num_engines: int = 1) -> None:
         self.registry = CollectorRegistry()
         self.labels = {"model_name": model_name}
         names = ["model_name"]
@@ -138,6 +138,9 @@ class ServerMetrics:
         self.generation_tokens = histogram("kvflow:request_generation_tokens",
                                            "Tokens generated for each request", TOKEN_BUCKETS)
         self.lora = LoRAMetrics(self.registry, model_name) if lora else None
+        # data-parallel replicas: the series above are totals; these split them per engine
+        self.engines = EngineMetrics(self.registry, model_name, num_engines) \
+            if num_engines > 1 else None
 
     def update_from_stats(self, stats: SchedulerStats | dict[str, Any],
                           lora_names: Iterable[str] = ()) -> None:
@@ -190,6 +193,46 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """Per-replica series of a data-parallel engine (label `engine`, as vLLM's): requests
+    running and waiting, KV usage, prefix-cache hit rate, alive, requests routed."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, num_engines: int) -> None:
+        names = ["model_name", "engine"]
+
+        def per_engine(kind: Any, name: str, doc: str) -> list[Any]:
+            metric = kind(name, doc, names, registry=registry)
+            return [metric.labels(model_name, str(i)) for i in range(num_engines)]
+
+        self.running = per_engine(Gauge, "kvflow:engine_num_requests_running",
+                                  "Requests in the running batch of each data-parallel engine")
+        self.waiting = per_engine(Gauge, "kvflow:engine_num_requests_waiting",
+                                  "Requests waiting in each data-parallel engine")
+        self.kv_cache_usage = per_engine(Gauge, "kvflow:engine_kv_cache_usage_perc",
+                                         "Fraction of each engine's KV-cache blocks in use")
+        self.prefix_hit_rate = per_engine(Gauge, "kvflow:engine_prefix_cache_hit_rate",
+                                          "Prefix-cache hits / queries of each engine")
+        self.alive = per_engine(Gauge, "kvflow:engine_alive",
+                                "1 while the data-parallel engine runs, 0 once it died")
+        self.routed = per_engine(Counter, "kvflow:engine_requests_routed",
+                                 "Requests the router sent to each data-parallel engine")
+        self._last_routed = [0] * num_engines
+
+    def update(self, per_engine: list[SchedulerStats | None], routed: list[int]) -> None:
+        """`per_engine`: each engine's stats (None: dead); `routed`: totals since start."""
+        for i, stats in enumerate(per_engine):
+            self.alive[i].set(0 if stats is None else 1)
+            queries = stats.prefix_cache_queries if stats else 0
+            self.running[i].set(stats.num_running_reqs if stats else 0)
+            self.waiting[i].set(stats.num_waiting_reqs if stats else 0)
+            self.kv_cache_usage[i].set(stats.kv_cache_usage if stats else 0.0)
+            self.prefix_hit_rate[i].set(stats.prefix_cache_hits / queries if stats and queries
+                                        else 0.0)
+        for i, total in enumerate(routed):
+            self.routed[i].inc(max(0, total - self._last_routed[i]))
+            self._last_routed[i] = max(total, self._last_routed[i])
 
 
 class LoRAMetrics:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from kvflow.core.request import Request
+from kvflow.engine.protocol import KVCacheEvents, MultiModalFeature
 
 
 class Block:
@@ -47,6 +48,39 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: tuple) 
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def block_extra_keys(block_index: int, block_size: int, lora_key: str | None,
+                     cache_salt: str | None, mm_features: Sequence[MultiModalFeature]) -> tuple:
+    """What a block's hash carries besides its tokens: the adapter's content digest, the
+    cache salt (first block only) and the images it overlaps. One rule for the prefix cache,
+    the second KV tier and the data-parallel router, so they never key a block differently."""
+    salt = cache_salt if block_index == 0 else None
+    if not mm_features:
+        return (lora_key, salt)
+    # Placeholder ids are equal for every image: a block covering image placeholders is
+    # keyed by each such image's content hash and where the image starts relative to the
+    # block, so another image (or the same one elsewhere) never reuses this KV.
+    start = block_index * block_size
+    end = start + block_size
+    images = tuple((f.identifier, f.offset - start) for f in mm_features
+                   if f.offset < end and f.offset + f.length > start)
+    # (blocks before the first image hash as text: a text prompt shares them)
+    return (lora_key, salt, images) if images else (lora_key, salt)
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, lora_key: str | None = None,
+                        cache_salt: str | None = None,
+                        mm_features: Sequence[MultiModalFeature] = ()) -> list[int]:
+    """The hashes of a prompt's blocks that a prefix-cache lookup can hit (full blocks, the
+    last token always left to compute), as the core computes them."""
+    hashes: list[int] = []
+    parent = None
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size],
+                            block_extra_keys(i, block_size, lora_key, cache_salt, mm_features))
+        hashes.append(parent)
+    return hashes
+
+
 class KVCacheManager:
     """Allocates blocks to requests, shares cached prefixes, evicts least recently used."""
 
@@ -64,6 +98,10 @@ class KVCacheManager:
         # called with (block id, hash) as a cached block is evicted, before its reuse: the
         # second KV tier copies it out here
         self.on_evict: Callable[[int, int], None] | None = None
+        # KV cache events (data-parallel routing): hash -> cached now? The last change of
+        # each hash since the last take_events(); None (off) costs nothing.
+        self.event_state: dict[int, bool] | None = None
+        self.events_cleared = False
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -83,18 +121,8 @@ class KVCacheManager:
 
     # ---- prefix cache ----------------------------------------------------------------
     def _extra_keys(self, request: Request, block_index: int) -> tuple:
-        salt = request.cache_salt if block_index == 0 else None
-        if not request.mm_features:
-            return (request.lora_key, salt)
-        # Placeholder ids are equal for every image: a block covering image placeholders is
-        # keyed by each such image's content hash and where the image starts relative to the
-        # block, so another image (or the same one elsewhere) never reuses this KV.
-        start = block_index * self.block_size
-        end = start + self.block_size
-        images = tuple((f.identifier, f.offset - start) for f in request.mm_features
-                       if f.offset < end and f.offset + f.length > start)
-        # (blocks before the first image hash as text: a text prompt shares them)
-        return (request.lora_key, salt, images) if images else (request.lora_key, salt)
+        return block_extra_keys(block_index, self.block_size, request.lora_key,
+                                request.cache_salt, request.mm_features)
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend request.block_hashes to every full block within its first num_tokens."""
@@ -172,6 +200,8 @@ class KVCacheManager:
         if block.block_hash is not None:  # evict it from the prefix cache
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
+                if self.event_state is not None:
+                    self.event_state[block.block_hash] = False
                 if self.on_evict is not None:
                     self.on_evict(block_id, block.block_hash)
             block.block_hash = None
@@ -186,6 +216,8 @@ class KVCacheManager:
             if block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 self.cached[block_hash] = block.block_id
+                if self.event_state is not None:
+                    self.event_state[block_hash] = True
 
     def allocate_for_load(self, request: Request, computed_blocks: Sequence[int],
                           num_blocks: int) -> list[int] | None:
@@ -209,6 +241,8 @@ class KVCacheManager:
                 if block_hash not in self.cached:
                     self.blocks[block_id].block_hash = block_hash
                     self.cached[block_hash] = block_id
+                    if self.event_state is not None:
+                        self.event_state[block_hash] = True
         self.free(request)
 
     def free(self, request: Request) -> None:
@@ -236,7 +270,24 @@ class KVCacheManager:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.event_state is not None:  # what came before no longer matters
+            self.event_state.clear()
+            self.events_cleared = True
         return True
+
+    def take_events(self) -> KVCacheEvents | None:
+        """The prefix cache's changes since the last call (None: none, or events are off)."""
+        state = self.event_state
+        if not state and not self.events_cleared:
+            return None
+        events = KVCacheEvents(
+            stored=[h for h, cached in state.items() if cached] if state else [],
+            removed=[h for h, cached in state.items() if not cached] if state else [],
+            cleared=self.events_cleared)
+        if state:
+            state.clear()
+        self.events_cleared = False
+        return events
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent."""

@@ -1,1 +1,2 @@
-"""Tensor parallelism (issue 20) and data-parallel scale-out."""
+"""Scale-out: tensor parallel (ranks of one model) and data-parallel replicas (their router and
+the Ray backend)."""

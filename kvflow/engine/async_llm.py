@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from kvflow.config import AsyncEngineArgs, EngineConfig
-from kvflow.engine.core_client import CoreClient, InprocClient, MPClient
+from kvflow.engine.core_client import CoreClient, RequestsFailed, make_core_client
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.engine.processor import PromptType, build_processor, load_tokenizer
 from kvflow.engine.protocol import EngineCoreRequest, MultiModalFeature, SchedulerStats
@@ -38,7 +38,7 @@ class AsyncLLM:
         self.tokenizer = load_tokenizer(config.model_config)
         # before the core starts: a bad tracing setting must not leave a core process behind
         self.tracer = make_tracer(config.observability_config, config.model_config.model)
-        self.engine_core: CoreClient = MPClient(config) if multiprocess else InprocClient(config)
+        self.engine_core: CoreClient = make_core_client(config, multiprocess)
         self.processor = build_processor(config, self.tokenizer, self.engine_core.num_kv_blocks)
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 config.scheduler_config.stream_interval,
@@ -114,8 +114,8 @@ class AsyncLLM:
             for req in requests:
                 if self._paused:
                     self.held.append(req)
-                else:
-                    self.engine_core.add_request(req)
+                else:  # an n > 1 family runs on one replica: its children share the prompt
+                    self.engine_core.add_request(req, request_id if parent else None)
         except BaseException:
             self._abort_quietly(request_id)
             raise
@@ -257,7 +257,11 @@ class AsyncLLM:
     async def _output_handler(self) -> None:
         try:
             while True:
-                outputs = await self.engine_core.get_output()
+                try:
+                    outputs = await self.engine_core.get_output()
+                except RequestsFailed as failed:  # one replica of several died
+                    self._fail_requests(failed.request_ids, failed.error)
+                    continue
                 chunk = 16  # yield to the loop between chunks: consumers get their tokens sooner
                 for start in range(0, len(outputs.outputs), chunk):
                     processed = self.output_processor.process_outputs(
@@ -267,7 +271,7 @@ class AsyncLLM:
                         await asyncio.sleep(0)
                 self._forget_finished_parents()
                 self._update_idle()
-                self.stats_logger.record(outputs)
+                self.stats_logger.record(outputs, self.engine_core.engine_stats())
         except EngineDeadError as exc:
             self._fail_all(exc)
         except Exception as exc:  # a bug here must not leave streams hanging
@@ -287,6 +291,16 @@ class AsyncLLM:
         self.output_processor.states.clear()
         self.parents.clear()
         self._idle.set()
+
+    def _fail_requests(self, request_ids: list[str], exc: EngineDeadError) -> None:
+        """End these requests' streams with `exc` (their replica died); others go on."""
+        states = self.output_processor.states
+        for request_id in request_ids:
+            state = states.pop(request_id, None)
+            if state is not None and state.sink is not None:
+                state.sink(exc)
+        self._forget_finished_parents()
+        self._update_idle()
 
     def _update_idle(self) -> None:
         in_flight = len(self.output_processor.states) - len(self.held)
@@ -321,7 +335,9 @@ class AsyncLLM:
         await self.engine_core.call_utility("resume")
         held, self.held = self.held, []
         for req in held:
-            self.engine_core.add_request(req)
+            state = self.output_processor.states.get(req.request_id)
+            parent = state.parent if state is not None else None
+            self.engine_core.add_request(req, parent.request_id if parent else None)
 
     async def is_paused(self) -> bool:
         return self._paused
@@ -367,7 +383,10 @@ class AsyncLLM:
         self.engine_core.check_alive()
 
     async def check_health(self) -> None:
-        self._check_alive()
+        """Raise EngineDeadError if the engine, or any one of its replicas, died."""
+        if self._shutdown:
+            raise EngineDeadError("the engine has been shut down")
+        self.engine_core.check_health()
 
     @property
     def errored(self) -> bool:
@@ -402,6 +421,11 @@ class AsyncLLM:
     async def get_scheduler_stats(self) -> SchedulerStats:
         stats = await self.engine_core.call_utility("get_stats")
         return msgspec.convert(stats, SchedulerStats)  # a dict when it crossed ZMQ
+
+    async def get_engine_stats(self) -> list[SchedulerStats | None]:
+        """Each engine core's stats (one per data-parallel replica; None: a dead one)."""
+        results = await self.engine_core.call_each("get_stats")
+        return [None if r is None else msgspec.convert(r, SchedulerStats) for r in results]
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await self.engine_core.call_utility("reset_prefix_cache"))

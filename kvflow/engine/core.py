@@ -20,6 +20,7 @@ from kvflow.core.scheduler import Scheduler, SchedulerOutput, StepResult
 from kvflow.engine.protocol import (
     EngineCoreOutputs,
     EngineCoreRequest,
+    KVCacheEvents,
     RequestTimings,
     SchedulerStats,
 )
@@ -49,6 +50,9 @@ class EngineCore:
         self.runner = self.executor.runner
         cc = config.cache_config
         self.kv = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        dp = config.data_parallel_config
+        if dp is not None and dp.kv_cache_events and cc.enable_prefix_caching:
+            self.kv.event_state = {}  # a replica: the client's router mirrors its cache
         mc = config.model_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv, mc.max_model_len)
         self.paused = False
@@ -184,7 +188,11 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
-        return EngineCoreOutputs(outputs, time.time())
+        return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())
+
+    def take_kv_events(self) -> KVCacheEvents | None:
+        """Prefix-cache changes not reported yet (a utility call such as a reset made them)."""
+        return self.kv.take_events()
 
     def _execute(self, scheduler_output: SchedulerOutput,
                  structured: StructuredOutputManager | None) -> StepResult:
@@ -210,7 +218,7 @@ class EngineCore:
                 out.timings.model_execute_time = requests[out.request_id].model_execute_time
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
-        return EngineCoreOutputs(outputs, time.time())
+        return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())
 
     # ---- utility calls (also reachable over ZMQ by name) ------------------------------
     def pause(self) -> None:

@@ -19,7 +19,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -30,6 +30,7 @@ from kvflow.engine.protocol import (
     EngineCoreRequest,
     ReadyMessage,
     RequestType,
+    SchedulerStats,
     UtilityRequest,
 )
 from kvflow.errors import EngineDeadError
@@ -39,16 +40,38 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = float(os.environ.get("KVFLOW_ENGINE_READY_TIMEOUT", "300"))
 
 
-class OutputBridge:
-    """A thread-safe hand-over from a background thread to whichever event loop awaits."""
+T = TypeVar("T")
+
+
+class OutputSink(Protocol):
+    """Where a core client hands what its core sends (its own bridge, or a replica set's)."""
+
+    def push(self, item: EngineCoreOutputs | BaseException) -> None: ...
+
+
+class RequestsFailed(Exception):  # noqa: N818 (a message to the output handler, not a fault)
+    """Some requests ended with `error` while the engine as a whole lives on (one replica of
+    several died); the output handler fails those streams and goes on."""
+
+    def __init__(self, request_ids: list[str], error: EngineDeadError) -> None:
+        super().__init__(str(error))
+        self.request_ids = request_ids
+        self.error = error
+
+
+class OutputBridge(Generic[T]):
+    """A thread-safe hand-over from a background thread to whichever event loop awaits.
+
+    An exception pushed stays at the head: every later get() raises it.
+    """
 
     def __init__(self) -> None:
-        self._items: collections.deque[EngineCoreOutputs | BaseException] = collections.deque()
+        self._items: collections.deque[T | BaseException] = collections.deque()
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def push(self, item: EngineCoreOutputs | BaseException) -> None:
+    def push(self, item: T | BaseException) -> None:
         with self._lock:
             self._items.append(item)
             waiter, loop = self._waiter, self._loop
@@ -56,7 +79,7 @@ class OutputBridge:
         if waiter is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(_wake, waiter)
 
-    async def get(self) -> EngineCoreOutputs:
+    async def get(self) -> T:
         while True:
             with self._lock:
                 if self._items:
@@ -99,8 +122,9 @@ def _wake(fut: asyncio.Future[None]) -> None:
 class CoreClient:
     """What AsyncLLM needs from a core: send, receive, call utilities, detect death."""
 
-    def __init__(self) -> None:
-        self.bridge = OutputBridge()
+    def __init__(self, sink: OutputSink | None = None) -> None:
+        self.bridge: OutputBridge[EngineCoreOutputs] = OutputBridge()
+        self.sink: OutputSink = sink if sink is not None else self.bridge
         self.dead_error: EngineDeadError | None = None
         self.num_kv_blocks = 0
         self.max_concurrency = 0.0
@@ -118,25 +142,40 @@ class CoreClient:
                 error = ValueError if answer.invalid_argument else RuntimeError
                 result: Any = error(answer.error) if answer.error else answer.result
                 loop.call_soon_threadsafe(_settle, fut, result)
+            if outputs.kv_events is not None:  # (a cache reset): the router's index
+                self.sink.push(EngineCoreOutputs(kv_events=outputs.kv_events))
         elif outputs.engine_error is not None:
             self._mark_dead(f"the engine core failed: {outputs.engine_error}")
         else:
-            self.bridge.push(outputs)
+            self.sink.push(outputs)
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_error is not None or self._closing:
             return
         logger.error("%s", reason)
         self.dead_error = EngineDeadError(reason)
-        self.bridge.push(self.dead_error)
+        self.sink.push(self.dead_error)
         for loop, fut in list(self._calls.values()):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, fut, self.dead_error)
         self._calls.clear()
 
     def check_alive(self) -> None:
+        """Raise EngineDeadError if the engine can serve no request any more."""
         if self.dead_error is not None:
             raise self.dead_error
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if any part of the engine died (a replica set: any one)."""
+        self.check_alive()
+
+    def engine_stats(self) -> list[SchedulerStats | None] | None:
+        """Each replica's latest stats (data parallel); None for a single core."""
+        return None
+
+    def routed_counts(self) -> list[int]:
+        """Requests sent to each core since start (data parallel: the router's choices)."""
+        return []
 
     async def get_output(self) -> EngineCoreOutputs:
         return await self.bridge.get()
@@ -150,7 +189,14 @@ class CoreClient:
         self._send(RequestType.UTILITY, UtilityRequest(call_id, method, list(args)))
         return await fut
 
-    def add_request(self, request: EngineCoreRequest) -> None:
+    async def call_each(self, method: str, *args: Any) -> list[Any]:
+        """A utility call on every core, one result each (a replica set: None for a dead
+        replica); a single core answers alone."""
+        return [await self.call_utility(method, *args)]
+
+    def add_request(self, request: EngineCoreRequest, affinity: str | None = None) -> None:
+        """Queue a request. Requests with one `affinity` (the children of an n > 1 request)
+        run on one core; a single core ignores it."""
         self.check_alive()
         self._send(RequestType.ADD, request)
 
@@ -172,6 +218,19 @@ def _settle(fut: asyncio.Future[Any], result: Any) -> None:
         fut.set_exception(result)
     else:
         fut.set_result(result)
+
+
+def make_core_client(config: EngineConfig, multiprocess: bool = True) -> CoreClient:
+    """The client AsyncLLM talks to: one core (a process, or a thread), or a replica set."""
+    if config.data_parallel_config is not None:
+        if not multiprocess:
+            raise ValueError("data_parallel_size > 1 runs each replica in its own process: "
+                             "it needs multiprocess=True")
+        # (imported here: the distributed package builds on this module)
+        from kvflow.distributed.data_parallel import DataParallelClient
+
+        return DataParallelClient.start(config)
+    return MPClient(config) if multiprocess else InprocClient(config)
 
 
 class InprocClient(CoreClient):
@@ -210,8 +269,8 @@ class InprocClient(CoreClient):
 class MPClient(CoreClient):
     """The core in its own process; requests and outputs cross ZMQ as msgpack."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__()
+    def __init__(self, config: EngineConfig, sink: OutputSink | None = None) -> None:
+        super().__init__(sink)
         import zmq
 
         base = os.path.join(tempfile.gettempdir(), f"kvflow-{uuid.uuid4().hex[:12]}")

@@ -83,7 +83,7 @@ class BusyLoop:
             if self.running and self.core.has_work():
                 outputs = self.core.step()
                 stepped = True
-                if outputs.outputs:
+                if outputs.outputs or outputs.kv_events is not None:
                     if self.core.config.log_stats:
                         outputs.scheduler_stats = self.core.get_stats()
                     self.send(outputs)
@@ -111,7 +111,10 @@ class BusyLoop:
         elif kind == RequestType.ABORT:
             self.core.abort_requests(payload)
         elif kind == RequestType.UTILITY:
-            self.send(EngineCoreOutputs(utility_output=self._call(payload)))
+            answer = self._call(payload)
+            take_events = getattr(self.core, "take_kv_events", None)  # (test cores lack it)
+            events = take_events() if take_events is not None else None
+            self.send(EngineCoreOutputs(utility_output=answer, kv_events=events))
         elif kind == RequestType.SHUTDOWN:
             self.running = False
 
@@ -137,7 +140,7 @@ def _decode_input(frames: list[bytes]) -> InputItem:
     return kind, None
 
 
-def _input_thread(sock: Any, loop: BusyLoop, parent_pid: int) -> None:
+def _input_thread(sock: Any, loop: BusyLoop, parent_alive: Callable[[], bool]) -> None:
     """Receive and decode client messages; stop the core if the client process vanishes."""
     import zmq
 
@@ -147,7 +150,7 @@ def _input_thread(sock: Any, loop: BusyLoop, parent_pid: int) -> None:
             loop.inputs.put(item)
             if item[0] == RequestType.SHUTDOWN:
                 return
-        elif os.getppid() != parent_pid:  # the client died without saying goodbye
+        elif not parent_alive():  # the client died without saying goodbye
             loop.inputs.put((RequestType.SHUTDOWN, None))
             return
 
@@ -160,7 +163,8 @@ def run_engine_core(
     try:
         core = _load_core(config, ready)
         if core is not None:
-            _serve_client(core, input_addr, output_addr, ready, parent_pid)
+            serve_core(core, input_addr, output_addr, ready.send,
+                       lambda: os.getppid() == parent_pid)
     finally:
         # The client removes these too, but a client killed with SIGKILL cannot: then this
         # process, which stops once its parent is gone, is the last one that knows them.
@@ -186,18 +190,29 @@ def _load_core(config: EngineConfig, ready: Connection) -> EngineCore | None:
         return None
 
 
-def _serve_client(
-    core: EngineCore, input_addr: str, output_addr: str, ready: Connection, parent_pid: int
-) -> None:
-    """Connect to the client, say ready, run the busy loop until shutdown or a failure."""
+def serve_core(core: EngineCore, input_addr: str, output_addr: str,
+               on_ready: Callable[[ReadyMessage], None], parent_alive: Callable[[], bool],
+               bind: bool = False) -> None:
+    """Open the sockets, say ready, run the busy loop until shutdown or a failure.
+
+    A core in a child process connects to the client's sockets; a core the client cannot
+    start itself (a Ray actor, maybe on another machine) binds its own (`bind`, addresses
+    such as tcp://10.0.0.5:*) and says in its ReadyMessage where they ended up.
+    """
     import zmq
 
     ctx = zmq.Context(io_threads=1)
     in_sock = ctx.socket(zmq.PULL)
-    in_sock.connect(input_addr)
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.setsockopt(zmq.LINGER, 1000)
-    out_sock.connect(output_addr)
+    if bind:
+        in_sock.bind(input_addr)
+        out_sock.bind(output_addr)
+        input_addr = in_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        output_addr = out_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    else:
+        in_sock.connect(input_addr)
+        out_sock.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
 
     def send(outputs: EngineCoreOutputs) -> None:
@@ -206,13 +221,14 @@ def _serve_client(
     loop = BusyLoop(core, send)
     threading.Thread(
         target=_input_thread,
-        args=(in_sock, loop, parent_pid),
+        args=(in_sock, loop, parent_alive),
         daemon=True,
         name="kvflow-core-input",
     ).start()
-    ready.send(
-        ReadyMessage(ok=True, num_kv_blocks=core.num_blocks, max_concurrency=core.max_concurrency)
-    )
+    on_ready(ReadyMessage(ok=True, num_kv_blocks=core.num_blocks,
+                          max_concurrency=core.max_concurrency,
+                          input_address=input_addr if bind else "",
+                          output_address=output_addr if bind else ""))
     try:
         loop.run()
     except BaseException as exc:

@@ -21,6 +21,9 @@ class LLMEngine:
     """Processor → EngineCore → OutputProcessor, driven by explicit step() calls."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if config.data_parallel_config is not None:
+            raise ValueError("data_parallel_size > 1 needs AsyncLLM (or kvflow serve): LLM "
+                             "runs one engine core in this process")
         self.config = config
         self.tokenizer = load_tokenizer(config.model_config)
         self.tracer = make_tracer(config.observability_config, config.model_config.model)

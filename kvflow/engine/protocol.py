@@ -135,6 +135,19 @@ class UtilityOutput(msgspec.Struct, array_like=True):
     invalid_argument: bool = False  # the error is a ValueError (the caller's input)
 
 
+class KVCacheEvents(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """How a core's prefix cache changed since its last report (sent only when the engine
+    has data-parallel replicas: the router mirrors each replica's cached block hashes).
+
+    `cleared` (the cache was reset) applies first; `stored` and `removed` are disjoint (the
+    last change of each hash wins), so the order within one report does not matter.
+    """
+
+    stored: list[int] = []  # block hashes now cached
+    removed: list[int] = []  # block hashes evicted
+    cleared: bool = False
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One message from the core: request outputs, or a utility answer, or a death notice."""
 
@@ -143,6 +156,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     scheduler_stats: SchedulerStats | None = None
     utility_output: UtilityOutput | None = None
     engine_error: str | None = None  # set once, when the core is about to die
+    kv_events: KVCacheEvents | None = None  # batched per step (data-parallel routing)
 
 
 class UtilityRequest(msgspec.Struct, array_like=True):
@@ -169,6 +183,9 @@ class ReadyMessage(msgspec.Struct):
     num_kv_blocks: int = 0
     max_concurrency: float = 0.0
     error: str | None = None
+    # a core that binds its own sockets (a Ray actor on another node): where to connect
+    input_address: str = ""
+    output_address: str = ""
 
 
 class WorkerStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

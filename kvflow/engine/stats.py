@@ -20,13 +20,33 @@ class StatsLogger:
         self.last: SchedulerStats | None = None
         self.latest: SchedulerStats | None = None
 
-    def record(self, outputs: EngineCoreOutputs) -> None:
+    def record(self, outputs: EngineCoreOutputs,
+               per_engine: list[SchedulerStats | None] | None = None) -> None:
+        """`per_engine`: each data-parallel replica's latest stats (the line then ends with
+        one short part per replica; `outputs` carries their total)."""
         if outputs.scheduler_stats is not None:
             self.latest = outputs.scheduler_stats
         now = time.monotonic()
         if self.enabled and self.latest is not None and now - self.last_time >= self.interval_s:
-            logger.info("%s", format_stats(self.latest, self.last, now - self.last_time))
+            line = format_stats(self.latest, self.last, now - self.last_time)
+            if per_engine is not None:
+                line += "; " + format_engines(per_engine)
+            logger.info("%s", line)
             self.last, self.last_time = self.latest, now
+
+
+def format_engines(per_engine: list[SchedulerStats | None]) -> str:
+    """One short part per replica: running/waiting, KV usage, prefix hit rate, or dead."""
+    parts = []
+    for i, st in enumerate(per_engine):
+        if st is None:
+            parts.append(f"engine {i}: dead")
+            continue
+        rate = 100.0 * st.prefix_cache_hits / st.prefix_cache_queries \
+            if st.prefix_cache_queries else 0.0
+        parts.append(f"engine {i}: {st.num_running_reqs} running, {st.num_waiting_reqs} "
+                     f"waiting, KV {100 * st.kv_cache_usage:.1f}%, hits {rate:.1f}%")
+    return ", ".join(parts)
 
 
 def format_stats(cur: SchedulerStats, prev: SchedulerStats | None, elapsed: float) -> str:

@@ -61,8 +61,11 @@ def _serve_parser(sub: SubParsers) -> None:
 def _engine_args(args: argparse.Namespace) -> AsyncEngineArgs:
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert isinstance(engine_args, AsyncEngineArgs)
-    if engine_args.num_threads is None:
-        engine_args.num_threads = _engine_threads()
+    if engine_args.num_threads is None and engine_args.data_parallel_backend != "ray":
+        # replicas on this machine share its cores (Ray replicas reserve --num-threads CPUs
+        # each on their own nodes, 1 by default)
+        replicas = max(1, engine_args.data_parallel_size)
+        engine_args.num_threads = max(1, _engine_threads() // replicas)
     return engine_args
 
 
@@ -143,7 +146,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gc.freeze()
         try:
             served = args.served_model_name or [args.model or engine.config.model_config.model]
-            metrics = ServerMetrics(served[0], lora=engine.config.lora_config is not None)
+            dp = engine.config.data_parallel_config
+            metrics = ServerMetrics(served[0], lora=engine.config.lora_config is not None,
+                                    num_engines=dp.size if dp else 1)
             ctx = ServingContext(engine, served, metrics, limits,
                                  lora_modules=args.lora_modules or ())
             app = build_app(ctx, api_key)

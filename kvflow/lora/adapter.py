@@ -106,9 +106,25 @@ def load_adapter(request: LoRARequest, shapes: LoRAShapes, max_rank: int,
     _check_config(config, refuse)
     tensors = _parse_weights(weight_bytes, refuse)
     weights = _pair_weights(tensors, config, shapes, max_rank, dtype, refuse)
-    digest = hashlib.sha256(config_bytes + b"\0" + weight_bytes).hexdigest()
+    digest = content_digest(config_bytes, weight_bytes)
     rank = max(a.shape[0] for a, _ in weights.values())
     return LoRAAdapter(request, digest, rank, weights)
+
+
+def content_digest(config_bytes: bytes, weight_bytes: bytes) -> str:
+    """An adapter's identity: sha256 of its config and weight files (prefix-cache keys)."""
+    return hashlib.sha256(config_bytes + b"\0" + weight_bytes).hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str | None:
+    """`content_digest` of an adapter folder, read here (the data-parallel router keys a
+    request's blocks as its replica will); None if the files cannot be read."""
+    try:
+        path = Path(folder)
+        return content_digest((path / CONFIG_FILE).read_bytes(),
+                              (path / WEIGHTS_FILE).read_bytes())
+    except OSError:
+        return None
 
 
 def max_file_bytes(shapes: LoRAShapes, max_rank: int) -> int:

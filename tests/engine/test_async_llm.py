@@ -320,11 +320,11 @@ async def test_a_request_that_fails_on_its_way_leaves_nothing(engine: AsyncLLM,
     aborted: list[str] = []
     real_add, real_abort = engine.engine_core.add_request, engine.engine_core.abort_requests
 
-    def failing_add(request) -> None:  # the second child cannot be sent
+    def failing_add(request, affinity=None) -> None:  # the second child cannot be sent
         if len(sent) == 1:
             raise OverflowError("cannot encode")
         sent.append(request.request_id)
-        real_add(request)
+        real_add(request, affinity)
 
     def recording_abort(ids: list[str]) -> None:
         aborted.extend(ids)

@@ -102,3 +102,17 @@ def test_lora_gauges() -> None:
     assert 'kvflow:lora_running_requests{lora_name="sql",model_name="m"}' not in \
         metrics.render().decode()
     assert "lora" not in ServerMetrics("m").render().decode()  # LoRA off: no LoRA metrics
+
+
+def test_data_parallel_engines_get_series_of_their_own() -> None:
+    metrics = ServerMetrics("m", num_engines=2)
+    assert ServerMetrics("single").engines is None  # one engine: nothing added
+    assert metrics.engines is not None
+    metrics.engines.update([SchedulerStats(num_running_reqs=2, prefix_cache_queries=10,
+                                           prefix_cache_hits=4), None], routed=[5, 3])
+    metrics.engines.update([SchedulerStats(num_running_reqs=1), None], routed=[6, 3])
+    text = metrics.render().decode()
+    assert 'kvflow:engine_num_requests_running{engine="0",model_name="m"} 1.0' in text
+    assert 'kvflow:engine_alive{engine="1",model_name="m"} 0.0' in text
+    assert 'kvflow:engine_requests_routed_total{engine="0",model_name="m"} 6.0' in text
+    assert 'kvflow:engine_requests_routed_total{engine="1",model_name="m"} 3.0' in text

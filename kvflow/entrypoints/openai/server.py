@@ -183,6 +183,9 @@ async def metrics(raw: Request) -> Response:
         try:
             stats = await asyncio.wait_for(ctx.engine.get_scheduler_stats(), timeout=5)
             ctx.metrics.update_from_stats(stats, ctx.models.lora_requests)
+            if ctx.metrics.engines is not None:  # data-parallel replicas, one series each
+                per_engine = await asyncio.wait_for(ctx.engine.get_engine_stats(), timeout=5)
+                ctx.metrics.engines.update(per_engine, ctx.engine.engine_core.routed_counts())
         except Exception as exc:  # a scrape still answers with what it has
             logger.warning("cannot refresh engine metrics: %r", exc)
     return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)

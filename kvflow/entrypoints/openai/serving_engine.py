@@ -102,8 +102,9 @@ class ServingContext:
             SHRINK_FACTOR if self.token_bytes.may_shrink_text else 1.0)
         config = self.engine.config
         self.max_num_seqs = config.scheduler_config.max_num_seqs
-        self.capacity = self.max_num_seqs + self.limits.waiting_bound(
-            self.max_num_seqs, self.engine.engine_core.num_kv_blocks)
+        dp = config.data_parallel_config  # each replica runs and queues its own share
+        self.capacity = (dp.size if dp else 1) * (self.max_num_seqs + self.limits.waiting_bound(
+            self.max_num_seqs, self.engine.engine_core.num_kv_blocks))
         from kvflow.multimodal.media import MediaLimits
 
         mm = config.mm_config
