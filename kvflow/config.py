@@ -11,6 +11,8 @@ from typing import Any, get_type_hints
 
 import torch
 
+from kvflow.spec_decode.config import SpeculativeConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -86,6 +88,10 @@ class EngineArgs:
     kv_offloading_disk_size: float = _arg(16.0, "GiB of block files in kv_offloading_path")
     enable_sleep_mode: bool = _arg(
         False, "allow sleep(level) / wake_up(): free the KV cache (1) and the weights (2)")
+    speculative_config: dict[str, Any] | str | None = _arg(
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", '
+        '"model": PATH, "num_speculative_tokens": 4} (default: off)')
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -131,6 +137,7 @@ class EngineArgs:
             log_stats=not self.disable_log_stats, num_threads=self.num_threads,
             lora_config=self._lora_config(dtype, device), mm_config=mm_config,
             enable_sleep_mode=self.enable_sleep_mode,
+            speculative_config=_speculative_config(self.speculative_config, model_config),
         )
 
     def _offloading(self) -> dict[str, Any]:
@@ -228,6 +235,16 @@ class EngineArgs:
 
 # Memory for kept image embeddings (the encoder cache), in bytes of float32 embeddings.
 ENCODER_CACHE_BYTES = 256 << 20
+
+
+def _speculative_config(value: dict[str, Any] | str | None,
+                        model_config: ModelConfig) -> SpeculativeConfig | None:
+    from kvflow.spec_decode.config import check_draft_model
+
+    config = SpeculativeConfig.parse(value)
+    if config is not None and config.model is not None:
+        config = check_draft_model(config, model_config)
+    return config
 
 
 def _encoder_cache_size(model_config: ModelConfig, budget: int) -> int:
@@ -448,6 +465,7 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None
     mm_config: MultiModalConfig | None = None
     enable_sleep_mode: bool = False
+    speculative_config: SpeculativeConfig | None = None
 
 
 @dataclass

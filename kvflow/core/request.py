@@ -52,7 +52,7 @@ class Request:
         "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
         "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
-        "kv_loads",
+        "kv_loads", "spec_token_ids", "spec_acceptance",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -88,6 +88,11 @@ class Request:
         # Images, in prompt order: each one's content hash and placeholder span
         self.mm_features: list[MultiModalFeature] = req.mm_features or []
         self.kv_loads = 0  # times blocks were loaded back from the second KV tier for it
+        # Speculative decoding: tokens proposed to follow all_token_ids (verified next step,
+        # never part of all_token_ids before they are accepted), and a moving average of the
+        # share of its proposals accepted (proposers skip requests where it stays low)
+        self.spec_token_ids: list[int] = []
+        self.spec_acceptance = 1.0
 
     @property
     def num_tokens(self) -> int:

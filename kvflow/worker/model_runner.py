@@ -24,6 +24,7 @@ from kvflow.model.attention import (
 from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from kvflow.spec_decode.verify import attention_rows, verified_result
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -207,7 +208,7 @@ class ModelRunner:
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
         token_chunks = [
-            s.request.all_token_ids[s.request.num_computed_tokens:seq_len]
+            s.request.all_token_ids[s.request.num_computed_tokens:seq_len] + s.spec_token_ids
             for s, seq_len in zip(scheduled, seq_lens, strict=True)
         ]
         input_ids = torch.from_numpy(np.fromiter(
@@ -217,8 +218,9 @@ class ModelRunner:
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
         metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_ids for s in scheduled], self.block_size, self.device,
-            cpu_kernel=self.cpu_kernel)
+            *attention_rows(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                            [len(s.spec_token_ids) for s in scheduled]),
+            self.block_size, self.device, cpu_kernel=self.cpu_kernel)
         if lora_slots is not None and order is not None:
             from kvflow.lora.slots import build_mapping
 
@@ -233,38 +235,44 @@ class ModelRunner:
                             embeds)  # [num_tokens, hidden]
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
-        sampled: list[int | None] = [None] * len(scheduled)
-        logprobs: list[LogprobsLists | None] | None = None
-        for first in range(0, len(rows), SAMPLE_ROWS):
-            part = rows[first:first + SAMPLE_ROWS]
-            last = torch.as_tensor(ends[part], device=self.device)
-            tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
-                                                 hidden[last], structured)
-            for row, token in zip(part, tokens, strict=True):
-                sampled[row] = token
-            if part_logprobs is not None:
-                logprobs = logprobs or [None] * len(scheduled)
-                for row, lists in zip(part, part_logprobs, strict=True):
-                    logprobs[row] = lists
-        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
+        # one sampled row per position that predicts a token: a verifying request has k+1
+        positions = [(i, j) for i in rows for j in range(len(scheduled[i].spec_token_ids) + 1)]
+        tokens: list[int] = []
+        row_logprobs: list[LogprobsLists | None] = []
+        for first in range(0, len(positions), SAMPLE_ROWS):
+            part = positions[first:first + SAMPLE_ROWS]
+            index = torch.as_tensor([ends[i] - len(scheduled[i].spec_token_ids) + j
+                                     for i, j in part], device=self.device)
+            part_tokens, part_logprobs = self._sample(
+                [scheduled[i].request for i, _ in part],
+                [scheduled[i].spec_token_ids[:j] for i, j in part], hidden[index], structured)
+            tokens += part_tokens
+            row_logprobs += part_logprobs or [None] * len(part)
+        result = verified_result(scheduled, positions, tokens, row_logprobs)
+        result.prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
         if order is None:
-            return StepResult(sampled, logprobs, prompt_logprobs)
-        return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
-                          _in_order(prompt_logprobs, order))
+            return result
+        return StepResult(_in_order(result.sampled, order) or [],
+                          _in_order(result.logprobs, order),
+                          _in_order(result.prompt_logprobs, order),
+                          _in_order(result.spec_tokens, order))
 
-    def _sample(self, requests: list[Request], hidden: torch.Tensor,
+    def _sample(self, requests: list[Request], proposed: list[list[int]], hidden: torch.Tensor,
                 structured: StructuredOutputManager | None
                 ) -> tuple[list[int], list[LogprobsLists | None] | None]:
-        """Next token (and logprobs where asked) of each request from its last hidden state."""
+        """Next token (and logprobs where asked) of each row from its hidden state; a row
+        after proposals sees them in its history (`proposed`: per row, maybe empty)."""
         logits = self.model.compute_logits(hidden)  # [len(requests), vocab]
         grammar_rows: list[int] = []
         if structured is not None:
             # before the sampler, as in vLLM: logprobs are then those of the masked logits
+            # (requests with a grammar make no proposals: one row each)
             grammar_rows = structured.mask_logits(logits, requests)
         metadata = SamplingMetadata.build(
             [r.sampling_params for r in requests],
             [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests],
+            [r.output_token_ids + extra if extra else r.output_token_ids
+             for r, extra in zip(requests, proposed, strict=True)],
             [r.generator for r in requests],
             self.vocab_size, self.device,
         )
