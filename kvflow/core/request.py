@@ -52,7 +52,7 @@ class Request:
         "priority", "lora", "status", "all_token_ids", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
         "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
-        "kv_loads", "spec_token_ids", "spec_acceptance",
+        "kv_loads", "spec_token_ids", "spec_acceptance", "num_draft_computed",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -93,6 +93,7 @@ class Request:
         # share of its proposals accepted (proposers skip requests where it stays low)
         self.spec_token_ids: list[int] = []
         self.spec_acceptance = 1.0
+        self.num_draft_computed = 0  # positions whose K/V a draft model holds (draft_model)
 
     @property
     def num_tokens(self) -> int:

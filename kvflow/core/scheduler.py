@@ -243,6 +243,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.spec_token_ids = []
+        request.num_draft_computed = 0  # its blocks, the draft's K/V with them, are gone
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(request)

@@ -104,6 +104,7 @@ class EngineCore:
             from kvflow.spec_decode.draft import DraftModel
 
             draft = DraftModel(sc, self.config, self.runner)
+            draft.kv = self.kv
         logger.info("speculative decoding: %s, %d tokens per step", sc.method,
                     sc.num_speculative_tokens)
         return Proposer(sc, draft)

@@ -12,7 +12,7 @@ METHODS = ("ngram", "draft_model")
 # weights on a CPU and the last positions are rarely accepted.
 MAX_SPECULATIVE_TOKENS = 16
 _FIELDS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min",
-           "prompt_lookup_max", "disable_by_batch_size", "min_acceptance_rate"}
+           "prompt_lookup_max", "disable_by_batch_size", "min_acceptance_rate", "quantization"}
 # Above this many running requests nobody speculates (disable_by_batch_size's default): a
 # step of that many decodes is no longer bound by reading the weights on this CPU, so
 # verifying extra tokens costs about what they save (benchmarks/speculative.py measures it).
@@ -31,6 +31,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 0  # ngram: shortest suffix looked up
     prompt_lookup_max: int = 0  # ngram: longest suffix looked up
     model: Path | None = None  # draft_model: its folder
+    quantization: str | None = None  # draft_model: "int8" (weight-only, per channel)
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
     min_acceptance_rate: float = DEFAULT_MIN_ACCEPTANCE_RATE
 
@@ -64,14 +65,18 @@ class SpeculativeConfig:
                                                  DEFAULT_MIN_ACCEPTANCE_RATE)),
         }
         if method == "ngram":
-            if "model" in raw:
-                raise ValueError("speculative_config: ngram takes no 'model'")
+            if "model" in raw or "quantization" in raw:
+                raise ValueError("speculative_config: ngram takes no 'model' or 'quantization'")
             low, high = _window(raw)
             return cls("ngram", k, low, high, **common)
         model = raw.get("model")
         if not isinstance(model, str) or not model:
             raise ValueError("speculative_config: draft_model needs 'model' (a folder)")
-        return cls("draft_model", k, model=Path(model), **common)
+        quantization = raw.get("quantization")
+        if quantization not in (None, "int8"):
+            raise ValueError(f"speculative_config: quantization must be 'int8' or null, "
+                             f"got {quantization!r}")
+        return cls("draft_model", k, model=Path(model), quantization=quantization, **common)
 
 
 def _int(raw: dict[str, Any], name: str, default: int | None, low: int,
@@ -128,6 +133,7 @@ def check_draft_model(config: SpeculativeConfig, target: Any) -> SpeculativeConf
         raise ValueError("speculative_config: the draft model's tokenizer differs from the "
                          "target's (they must map text to the same token ids)")
     return SpeculativeConfig(config.method, config.num_speculative_tokens, model=path,
+                             quantization=config.quantization,
                              disable_by_batch_size=config.disable_by_batch_size,
                              min_acceptance_rate=config.min_acceptance_rate)
 
