@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 import torch
 
+from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.structured.options import StructuredOutputsConfig
 from kvflow.tracing import ObservabilityConfig
 
@@ -122,6 +123,10 @@ class EngineArgs:
         "prefix_aware", "how requests pick a replica: prefix_aware (the replica holding the "
         "longest cached prefix, balanced against load) or round_robin",
         choices=list(DATA_PARALLEL_ROUTINGS))
+    speculative_config: dict[str, Any] | str | None = _arg(
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", '
+        '"model": PATH, "num_speculative_tokens": 4} (default: off)')
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
@@ -176,6 +181,7 @@ class EngineArgs:
             attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
             data_parallel_config=self._data_parallel_config(),
+            speculative_config=_speculative_config(self.speculative_config, model_config),
         )
 
     def _check_tensor_parallel(self, model_config: ModelConfig, device: torch.device,
@@ -315,6 +321,16 @@ class EngineArgs:
 
 # Memory for kept image embeddings (the encoder cache), in bytes of float32 embeddings.
 ENCODER_CACHE_BYTES = 256 << 20
+
+
+def _speculative_config(value: dict[str, Any] | str | None,
+                        model_config: ModelConfig) -> SpeculativeConfig | None:
+    from kvflow.spec_decode.config import check_draft_model
+
+    config = SpeculativeConfig.parse(value)
+    if config is not None and config.model is not None:
+        config = check_draft_model(config, model_config)
+    return config
 
 
 def _encoder_cache_size(model_config: ModelConfig, budget: int) -> int:
@@ -557,6 +573,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs of decode steps
     tensor_parallel_size: int = 1  # ranks the model is split over (kvflow.distributed)
     data_parallel_config: DataParallelConfig | None = None
+    speculative_config: SpeculativeConfig | None = None
 
 
 @dataclass

@@ -56,6 +56,11 @@ _STAT_COUNTERS = {
                                 "Bytes written to the second KV tier (host memory and disk)"),
     "kv_offload_bytes_loaded": ("kvflow:kv_offload_bytes_loaded",
                                 "Bytes loaded back from the second KV tier"),
+    "spec_num_drafts": ("kvflow:spec_decode_num_drafts",
+                        "Verify steps of requests with proposals (speculative decoding)"),
+    "spec_num_draft_tokens": ("kvflow:spec_decode_num_draft_tokens", "Tokens proposed"),
+    "spec_num_accepted_tokens": ("kvflow:spec_decode_num_accepted_tokens",
+                                 "Proposed tokens accepted"),
 }
 # The client's processor-cache totals (vLLM's mm_cache_* names) → Prometheus counters.
 _FRONTEND_COUNTERS = {
@@ -118,6 +123,10 @@ class ServerMetrics:
         }
         self._last_totals: dict[str, int] = dict.fromkeys([*_STAT_COUNTERS, *_FRONTEND_COUNTERS],
                                                           0)
+        self.spec_accepted_per_pos = Counter(
+            "kvflow:spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted at each position (0 = the first proposal)",
+            names + ["position"], registry=self.registry)
         self.request_success = Counter("kvflow:request_success", "Finished requests",
                                        names + ["finished_reason"], registry=self.registry)
         for reason in ("stop", "length", "abort"):  # exported at 0 before the first one
@@ -159,6 +168,11 @@ class ServerMetrics:
         for field, counter in self.stat_counters.items():
             self._advance(field, counter, int(getattr(stats, field)))
         self.kv_offload_load_time.set(stats.kv_offload_load_seconds)
+        for position, total in enumerate(stats.spec_num_accepted_tokens_per_pos):
+            key = f"spec_pos_{position}"
+            self._last_totals.setdefault(key, 0)
+            self._advance(key, self.spec_accepted_per_pos.labels(
+                position=str(position), **self.labels), total)
         queries = stats.mm_encoder_cache_queries
         self.mm_encoder_hit_rate.set(stats.mm_encoder_cache_hits / queries if queries else 0.0)
         if self.lora is not None:

@@ -53,6 +53,7 @@ class Request:
         "num_cached_tokens", "block_hashes", "stop_reason", "generator", "max_tokens",
         "max_model_len", "num_preemptions", "seq", "grammar", "lora_skips", "mm_features",
         "kv_loads", "queued_time", "scheduled_time", "model_execute_time",
+        "spec_token_ids", "spec_acceptance", "num_draft_computed",
     )
 
     def __init__(self, req: EngineCoreRequest, max_model_len: int, seq: int,
@@ -92,6 +93,12 @@ class Request:
         self.queued_time = 0.0
         self.scheduled_time = 0.0
         self.model_execute_time = 0.0
+        # Speculative decoding: tokens proposed to follow all_token_ids (verified next step,
+        # never part of all_token_ids before they are accepted), and a moving average of the
+        # share of its proposals accepted (proposers skip requests where it stays low)
+        self.spec_token_ids: list[int] = []
+        self.spec_acceptance = 1.0
+        self.num_draft_computed = 0  # positions whose K/V a draft model holds (draft_model)
 
     @property
     def num_tokens(self) -> int:

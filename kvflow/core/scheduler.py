@@ -21,6 +21,7 @@ from kvflow.core.kv_cache import KVCacheManager
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.request_queue import RequestQueue, make_request_queue
 from kvflow.engine.protocol import EngineCoreOutput, LogprobsLists, RequestTimings, SchedulerStats
+from kvflow.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
     from kvflow.kv_offload.manager import OffloadManager
@@ -31,13 +32,16 @@ class ScheduledRequest:
     """One request's share of a step."""
 
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # known tokens to compute, then the proposals
     block_ids: list[int]
+    # proposed tokens verified this step: the last num_new_tokens - 1 inputs of a decode
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes_sequence(self) -> bool:
         """True when this step computes the last known token, so a token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        num_known = self.num_new_tokens - len(self.spec_token_ids)
+        return self.request.num_computed_tokens + num_known == self.request.num_tokens
 
 
 @dataclass
@@ -58,8 +62,11 @@ class StepResult:
     """Per scheduled request, the sampled token (None for a partial prefill chunk)."""
 
     sampled: list[int | None]
-    logprobs: list[LogprobsLists | None] | None = None
+    logprobs: list[LogprobsLists | None] | None = None  # one row per token emitted
     prompt_logprobs: list[LogprobsLists | None] | None = None
+    # rows that verified proposals: the tokens emitted after sampled[i] (the accepted
+    # proposals but the first, then the target's own next token); None: no such row
+    spec_tokens: list[list[int]] | None = None
 
 
 # Steps a request may be passed by later ones because its LoRA adapter has no slot.
@@ -83,6 +90,7 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.spec_stats = SpecDecodingStats()
         # the second KV tier (set by the core) and the requests waiting for its loads:
         # request id -> (request, blocks being loaded, their hashes)
         self.offload: OffloadManager | None = None
@@ -186,6 +194,15 @@ class Scheduler:
             if num_new == 0:
                 i += 1  # its next image waits for encoder budget or cache space
                 continue
+            # each later running request keeps at least one token of the budget: proposals
+            # are what a short budget drops, and proposals without room for their slots
+            drafts = self._drafts(request, num_new, budget - (len(self.running) - i - 1))
+            if drafts and self.kv.allocate_slots(request, num_new + len(drafts)):
+                scheduled[request.request_id] = ScheduledRequest(
+                    request, num_new + len(drafts), [], drafts)
+                budget -= num_new + len(drafts)
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim()
                 preempted = True
@@ -205,6 +222,16 @@ class Scheduler:
         out.scheduled.extend(scheduled.values())
         return budget, preempted
 
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The proposals a decode verifies this step, within the budget and its limits (a
+        longer run could only be cut by max_tokens or max_model_len)."""
+        proposed = request.spec_token_ids
+        if not proposed or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        room = min(budget - 1, request.max_tokens - request.num_output_tokens - 1,
+                   request.max_model_len - request.num_tokens - 1)
+        return proposed[:max(room, 0)]
+
     def _pick_victim(self) -> Request:
         if self.config.policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival_time, r.seq))
@@ -216,6 +243,8 @@ class Scheduler:
         self._release_images(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_draft_computed = 0  # its blocks, the draft's K/V with them, are gone
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(request)
@@ -317,13 +346,17 @@ class Scheduler:
                         EngineCoreOutput(request.request_id, [], new_prompt_logprobs=prompt_lp)
                     )
                 continue
-            request.append_token(token)
-            self.num_generation_tokens += 1
-            status = request.check_stop()
+            tokens = [token]
+            if item.spec_token_ids:
+                tokens += result.spec_tokens[i] if result.spec_tokens else []
+                self._verified(item, len(tokens) - 1)
+            status, tokens = _append_until_stop(request, tokens)
+            self.num_generation_tokens += len(tokens)
+            logprobs = result.logprobs[i] if result.logprobs else None
             output = EngineCoreOutput(
                 request.request_id,
-                [token],
-                new_logprobs=result.logprobs[i] if result.logprobs else None,
+                tokens,
+                new_logprobs=_first_rows(logprobs, len(tokens)),
                 new_prompt_logprobs=prompt_lp,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
@@ -336,6 +369,16 @@ class Scheduler:
                 output.stop_reason = request.stop_reason
             outputs.append(output)
         return outputs
+
+    def _verified(self, item: ScheduledRequest, num_accepted: int) -> None:
+        """Proposals checked: only the accepted ones (and the token before them) count as
+        computed; the slots written for the rejected ones are overwritten later."""
+        request, num_drafts = item.request, len(item.spec_token_ids)
+        request.num_computed_tokens -= num_drafts - num_accepted
+        request.spec_token_ids = []
+        self.spec_stats.observe(num_drafts, num_accepted)
+        rate = num_accepted / num_drafts
+        request.spec_acceptance = 0.7 * request.spec_acceptance + 0.3 * rate
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
@@ -360,6 +403,10 @@ class Scheduler:
             running_lora_adapters=_adapter_counts(self.running) if lora else {},
             waiting_lora_adapters=_adapter_counts(self.waiting.requests()) if lora else {},
             max_lora=self.config.max_loras,
+            spec_num_drafts=self.spec_stats.num_drafts,
+            spec_num_draft_tokens=self.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_stats.num_accepted_tokens,
+            spec_num_accepted_tokens_per_pos=list(self.spec_stats.num_accepted_tokens_per_pos),
             **self._encoder_stats(),
         )
 
@@ -368,6 +415,24 @@ class Scheduler:
         if cache is None:
             return {}
         return {"mm_encoder_cache_queries": cache.queries, "mm_encoder_cache_hits": cache.hits}
+
+
+def _append_until_stop(request: Request, tokens: list[int]
+                       ) -> tuple[RequestStatus | None, list[int]]:
+    """Append the step's tokens one by one; a stop (EOS, stop token, max_tokens) inside an
+    accepted run drops the tokens after it. Returns the status and the tokens kept."""
+    for n, token in enumerate(tokens, 1):
+        request.append_token(token)
+        status = request.check_stop()
+        if status is not None:
+            return status, tokens[:n]
+    return None, tokens
+
+
+def _first_rows(lists: LogprobsLists | None, n: int) -> LogprobsLists | None:
+    if lists is None or len(lists.ranks) <= n:
+        return lists
+    return LogprobsLists(lists.token_ids[:n], lists.logprobs[:n], lists.ranks[:n])
 
 
 def _images_end(request: Request) -> int:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kvflow.kv_offload.manager import OffloadManager
     from kvflow.lora.adapter import LoRAAdapter
     from kvflow.lora.manager import LoRACache
+    from kvflow.spec_decode.proposer import Proposer
     from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class EngineCore:
         self.structured: StructuredOutputManager | None = None  # made at the first grammar
         self.loras: LoRACache | None = self._lora_cache()
         self.offload: OffloadManager | None = self._offload()
+        self.proposer: Proposer | None = self._proposer()
         self._shut_down = False
         # detailed traces: time each model step and charge it to the requests in it
         self._time_steps = config.observability_config.collect_model_execute_time
@@ -102,6 +104,23 @@ class EngineCore:
         logger.info("second KV tier: %.2f GiB of host memory%s", cc.kv_offloading_bytes / 2**30,
                     f", disk level in {offload.disk.folder}" if offload.disk else "")
         return offload
+
+    def _proposer(self) -> Proposer | None:
+        """Speculative decoding: proposals made after each step, verified in the next."""
+        sc = self.config.speculative_config
+        if sc is None:
+            return None
+        from kvflow.spec_decode.proposer import Proposer
+
+        draft = None
+        if sc.method == "draft_model":
+            from kvflow.spec_decode.draft import DraftModel
+
+            draft = DraftModel(sc, self.config, self.runner)
+            draft.kv = self.kv
+        logger.info("speculative decoding: %s, %d tokens per step", sc.method,
+                    sc.num_speculative_tokens)
+        return Proposer(sc, draft)
 
     @property
     def num_blocks(self) -> int:
@@ -186,6 +205,8 @@ class EngineCore:
             return self._timed_step(scheduler_output, structured)
         result = self._execute(scheduler_output, structured)
         outputs = self.scheduler.update_from_output(scheduler_output, result)
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         if structured is not None:
             structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
         return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())

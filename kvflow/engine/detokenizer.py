@@ -122,6 +122,8 @@ class IncrementalDetokenizer:
         if self._stop and not self._include_stop_str:
             self._stop_buffer_length = max(len(s) for s in self._stop) - 1
         self._num_chars_returned = 0
+        # tokens of the last update() after the stop string it matched (left out)
+        self.num_dropped = 0
 
     @property
     def output_text(self) -> str:
@@ -139,6 +141,7 @@ class IncrementalDetokenizer:
         unless include_stop_str_in_output. A stop string only counts once min_tokens tokens
         exist, and only if it ends after the text of the first min_tokens tokens.
         """
+        self.num_dropped = 0
         if not new_token_ids:
             return None
         decoded_ids = list(new_token_ids)
@@ -151,19 +154,29 @@ class IncrementalDetokenizer:
         old_len = len(self._text)
         stop_check_from = old_len  # text before this offset may not end a stop string
         pieces: list[str] = []
-        for token_id in decoded_ids:
+        for n, token_id in enumerate(decoded_ids, 1):
             self._token_ids.append(token_id)
             pieces.append(self._stream.step(token_id))
             if len(self._token_ids) <= self._min_tokens:
                 stop_check_from = old_len + sum(len(p) for p in pieces)
+            elif self._stop and n < len(new_token_ids):
+                # several tokens in one step (speculative decoding): a stop string that
+                # ends at this token drops the ones after it, as one-token steps would
+                text = self._text + "".join(pieces)
+                match = find_stop_string(text, len(text) - stop_check_from, self._stop)
+                if match is not None:
+                    self.num_dropped = len(new_token_ids) - n
+                    self._text = text
+                    return self._cut_at(match)
         self._text += "".join(pieces)
         if skipped_id is not None:
             self._token_ids.append(skipped_id)
         if not self._stop or len(self._token_ids) <= self._min_tokens:
             return None
         match = find_stop_string(self._text, len(self._text) - stop_check_from, self._stop)
-        if match is None:
-            return None
+        return None if match is None else self._cut_at(match)
+
+    def _cut_at(self, match: tuple[str, int]) -> str:
         stop_str, index = match
         self._text = self._text[: index + len(stop_str) if self._include_stop_str else index]
         return stop_str

@@ -131,14 +131,16 @@ class OutputProcessor:
         state.num_cached_tokens = out.num_cached_tokens
         if out.timings is not None:  # tracing is on
             _record_timings(metrics, out.timings)
-        state.token_ids.extend(out.new_token_ids)
-        if out.new_prompt_logprobs is not None:
-            self._add_prompt_logprobs(state, out.new_prompt_logprobs)
-        if out.new_logprobs is not None and state.logprobs is not None:
-            self._add_logprobs(state, out.new_logprobs)
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
         stop_terminated = finish_reason == FinishReason.STOP
         stop_str = state.detokenizer.update(out.new_token_ids, stop_terminated)
+        # a step of several tokens whose stop string ended before its last one: keep those
+        kept = len(out.new_token_ids) - state.detokenizer.num_dropped
+        state.token_ids.extend(out.new_token_ids[:kept])
+        if out.new_prompt_logprobs is not None:
+            self._add_prompt_logprobs(state, out.new_prompt_logprobs)
+        if out.new_logprobs is not None and state.logprobs is not None:
+            self._add_logprobs(state, out.new_logprobs, kept)
         if stop_str is not None and finish_reason is None:
             finish_reason, stop_reason = FinishReason.STOP, stop_str
             result.reqs_to_abort.append(state.request_id)
@@ -222,9 +224,11 @@ class OutputProcessor:
                 entry[tid] = Logprob(lp, r, self.token_text(tid))
         return entry
 
-    def _add_logprobs(self, state: RequestState, lists: LogprobsLists) -> None:
+    def _add_logprobs(self, state: RequestState, lists: LogprobsLists, kept: int) -> None:
         assert state.logprobs is not None and state.cumulative_logprob is not None
-        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks, strict=True):
+        rows = zip(lists.token_ids[:kept], lists.logprobs[:kept], lists.ranks[:kept],
+                   strict=True)
+        for ids, lps, rank in rows:
             state.logprobs.append(self._to_dict(ids, lps, rank))
             state.cumulative_logprob += lps[0]
 

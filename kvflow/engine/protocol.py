@@ -124,6 +124,12 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_offload_bytes_stored: int = 0
     kv_offload_bytes_loaded: int = 0
     kv_offload_load_seconds: float = 0.0
+    # speculative decoding: requests' verify steps with proposals, tokens proposed, tokens
+    # accepted, and accepted at each proposal position; since start
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class UtilityOutput(msgspec.Struct, array_like=True):

@@ -6,6 +6,7 @@ import logging
 import time
 
 from kvflow.engine.protocol import EngineCoreOutputs, SchedulerStats
+from kvflow.spec_decode.metrics import format_spec_stats
 
 logger = logging.getLogger("kvflow.stats")
 
@@ -68,4 +69,13 @@ def format_stats(cur: SchedulerStats, prev: SchedulerStats | None, elapsed: floa
     if cur.mm_encoder_cache_queries:  # an image model that has seen images
         rate = 100.0 * cur.mm_encoder_cache_hits / cur.mm_encoder_cache_queries
         line += f", images encoded: {cur.mm_images_encoded}, encoder cache hit rate: {rate:.1f}%"
+    if cur.spec_num_drafts:  # speculative decoding is on and proposed
+        before = prev or SchedulerStats()
+        per_pos = [n - (before.spec_num_accepted_tokens_per_pos[i]
+                        if i < len(before.spec_num_accepted_tokens_per_pos) else 0)
+                   for i, n in enumerate(cur.spec_num_accepted_tokens_per_pos)]
+        line += format_spec_stats(cur.spec_num_drafts - before.spec_num_drafts,
+                                  cur.spec_num_draft_tokens - before.spec_num_draft_tokens,
+                                  cur.spec_num_accepted_tokens - before.spec_num_accepted_tokens,
+                                  per_pos)
     return line

@@ -21,6 +21,7 @@ from kvflow.model.attention_backends import ATTENTION_BACKENDS, select_attention
 from kvflow.model.loader import load_model, load_vision_encoder
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from kvflow.spec_decode.verify import attention_rows, verified_result
 from kvflow.worker.cuda_graphs import DecodeGraphs
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ class ModelRunner:
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
         token_chunks = [
-            s.request.all_token_ids[s.request.num_computed_tokens:seq_len]
+            s.request.all_token_ids[s.request.num_computed_tokens:seq_len] + s.spec_token_ids
             for s, seq_len in zip(scheduled, seq_lens, strict=True)
         ]
         input_ids = torch.from_numpy(np.fromiter(
@@ -258,51 +259,57 @@ class ModelRunner:
             np.arange(seq_len - q, seq_len, dtype=np.int64)
             for q, seq_len in zip(query_lens, seq_lens, strict=True)
         ]))
+        # a decode with proposals runs one single-token query per position (spec_decode.verify)
+        rows = attention_rows(query_lens, seq_lens, [s.block_ids for s in scheduled],
+                              [len(s.spec_token_ids) for s in scheduled])
         ends = np.cumsum(query_lens) - 1
-        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
+        # one sampled row per position that predicts a token: a verifying request has k+1
+        sample_at = [(i, j) for i, s in enumerate(scheduled) if s.completes_sequence
+                     for j in range(len(s.spec_token_ids) + 1)]
         part_rows = self._sample_rows()
-        parts = [rows[first:first + part_rows] for first in range(0, len(rows), part_rows)]
+        parts = [sample_at[first:first + part_rows]
+                 for first in range(0, len(sample_at), part_rows)]
+        indices = [[int(ends[i]) - len(scheduled[i].spec_token_ids) + j for i, j in part]
+                   for part in parts]
         prompt_spans = _prompt_logprob_spans(scheduled, ends)
         if self.parallel is not None:  # the other ranks run the same forward and logit rows
             self.parallel.send_step(WorkerStep(
-                input_ids.tolist(), query_lens, seq_lens, [list(s.block_ids) for s in scheduled],
-                [ends[part].tolist() for part in parts]
+                input_ids.tolist(), *rows, indices
                 + [list(range(first, first + n)) for first, n in prompt_spans.values() if n]))
         hidden = None  # [num_tokens, hidden]
         if self.cuda_graphs is not None and lora_slots is None:  # decode-only steps replay
-            hidden = self.cuda_graphs.run(query_lens, seq_lens, [s.block_ids for s in scheduled],
-                                          input_ids)
+            hidden = self.cuda_graphs.run(*rows, input_ids)
         if hidden is None:
-            hidden = self._forward(out, scheduled, query_lens, seq_lens, input_ids, positions,
+            hidden = self._forward(out, scheduled, query_lens, rows, input_ids, positions,
                                    lora_slots, order)
-        sampled: list[int | None] = [None] * len(scheduled)
-        logprobs: list[LogprobsLists | None] | None = None
-        for part in parts:
-            last = torch.as_tensor(ends[part], device=self.device)
-            tokens, part_logprobs = self._sample([scheduled[i].request for i in part],
-                                                 hidden[last], structured)
-            for row, token in zip(part, tokens, strict=True):
-                sampled[row] = token
-            if part_logprobs is not None:
-                logprobs = logprobs or [None] * len(scheduled)
-                for row, lists in zip(part, part_logprobs, strict=True):
-                    logprobs[row] = lists
-        prompt_logprobs = self._prompt_logprobs(scheduled, hidden, prompt_spans)
+        tokens: list[int] = []
+        row_logprobs: list[LogprobsLists | None] = []
+        for part, index in zip(parts, indices, strict=True):
+            part_tokens, part_logprobs = self._sample(
+                [scheduled[i].request for i, _ in part],
+                [scheduled[i].spec_token_ids[:j] for i, j in part],
+                hidden[torch.as_tensor(index, device=self.device)], structured)
+            tokens += part_tokens
+            row_logprobs += part_logprobs or [None] * len(part)
+        result = verified_result(scheduled, sample_at, tokens, row_logprobs)
+        result.prompt_logprobs = self._prompt_logprobs(scheduled, hidden, prompt_spans)
         if order is None:
-            return StepResult(sampled, logprobs, prompt_logprobs)
-        return StepResult(_in_order(sampled, order) or [], _in_order(logprobs, order),
-                          _in_order(prompt_logprobs, order))
+            return result
+        return StepResult(_in_order(result.sampled, order) or [],
+                          _in_order(result.logprobs, order),
+                          _in_order(result.prompt_logprobs, order),
+                          _in_order(result.spec_tokens, order))
 
     def _sample_rows(self) -> int:
         return CUDA_SAMPLE_ROWS if self.device.type == "cuda" else SAMPLE_ROWS
 
     def _forward(self, out: SchedulerOutput, scheduled: list[ScheduledRequest],
-                 query_lens: list[int], seq_lens: list[int], input_ids: torch.Tensor,
-                 positions: torch.Tensor, lora_slots: list[int] | None,
-                 order: list[int] | None) -> torch.Tensor:
-        """The step's forward pass, op by op: hidden states [num_tokens, hidden]."""
-        metadata = self.build_metadata(query_lens, seq_lens, [s.block_ids for s in scheduled],
-                                       self.block_size, self.device)
+                 query_lens: list[int], rows: tuple[list[int], list[int], list[list[int]]],
+                 input_ids: torch.Tensor, positions: torch.Tensor,
+                 lora_slots: list[int] | None, order: list[int] | None) -> torch.Tensor:
+        """The step's forward pass, op by op: hidden states [num_tokens, hidden]; `rows` are
+        the attention's query lengths, sequence lengths and block tables."""
+        metadata = self.build_metadata(*rows, self.block_size, self.device)
         if lora_slots is not None and order is not None:
             from kvflow.lora.slots import build_mapping
 
@@ -316,19 +323,22 @@ class ModelRunner:
         return self.model(input_ids, positions.to(self.device), self.kv_caches, metadata,
                           embeds)  # [num_tokens, hidden]
 
-    def _sample(self, requests: list[Request], hidden: torch.Tensor,
+    def _sample(self, requests: list[Request], proposed: list[list[int]], hidden: torch.Tensor,
                 structured: StructuredOutputManager | None
                 ) -> tuple[list[int], list[LogprobsLists | None] | None]:
-        """Next token (and logprobs where asked) of each request from its last hidden state."""
+        """Next token (and logprobs where asked) of each row from its hidden state; a row
+        after proposals sees them in its history (`proposed`: per row, maybe empty)."""
         logits = self.model.compute_logits(hidden)  # [len(requests), vocab]
         grammar_rows: list[int] = []
         if structured is not None:
             # before the sampler, as in vLLM: logprobs are then those of the masked logits
+            # (requests with a grammar make no proposals: one row each)
             grammar_rows = structured.mask_logits(logits, requests)
         metadata = SamplingMetadata.build(
             [r.sampling_params for r in requests],
             [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests],
+            [r.output_token_ids + extra if extra else r.output_token_ids
+             for r, extra in zip(requests, proposed, strict=True)],
             [r.generator for r in requests],
             self.vocab_size, self.device,
         )
