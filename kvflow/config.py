@@ -96,9 +96,10 @@ class EngineArgs:
         None, "also time the model steps of each traced request: model, worker or all "
         "(comma-separated); needs --otlp-traces-endpoint")
     structured_outputs_config: dict[str, Any] | str | None = _arg(
-        None, 'JSON grammar options, as JSON: {"disable_any_whitespace": false} allows '
-        'bounded whitespace, {"disable_additional_properties": false} lets schemas that do '
-        "not say additionalProperties accept undeclared properties (both default true)")
+        None, 'JSON grammar options, as JSON: {"disable_any_whitespace": true} gives compact '
+        'JSON (default: a bounded amount of whitespace), {"disable_additional_properties": '
+        "false} lets schemas that do not say additionalProperties accept undeclared "
+        "properties (default true)")
 
     def create_engine_config(self) -> EngineConfig:
         """Validate the arguments, resolve the model, and freeze the result."""
