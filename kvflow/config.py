@@ -108,9 +108,10 @@ class EngineArgs:
         None, "also time the model steps of each traced request: model, worker or all "
         "(comma-separated); needs --otlp-traces-endpoint")
     structured_outputs_config: dict[str, Any] | str | None = _arg(
-        None, 'JSON grammar options, as JSON: {"disable_any_whitespace": false} allows '
-        'bounded whitespace, {"disable_additional_properties": false} lets schemas that do '
-        "not say additionalProperties accept undeclared properties (both default true)")
+        None, 'JSON grammar options, as JSON: {"disable_any_whitespace": true} gives compact '
+        'JSON (default: a bounded amount of whitespace), {"disable_additional_properties": '
+        "false} lets schemas that do not say additionalProperties accept undeclared "
+        "properties (default true)")
     # data parallel: engine-core replicas behind one client (kvflow/distributed/)
     data_parallel_size: int = _arg(1, "engine-core replicas, each with its own KV cache")
     data_parallel_backend: str = _arg(

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # (disable_any_whitespace, disable_additional_properties) are set for JSON kinds only
 GrammarKey = tuple[str, str, tuple[bool, ...]]
 
-# JSON whitespace when a request turns disable_any_whitespace off. llguidance's own default is
+# JSON whitespace unless disable_any_whitespace asks for none. llguidance's own default is
 # any run of whitespace; a small model sampled at temperature 1 then tends to wander off into
 # whitespace and never close the object. One optional newline and a little indentation keep
 # pretty-printed output possible while every step must make progress.

@@ -189,23 +189,29 @@ def test_undeclared_properties_are_refused_unless_allowed(compiler, hf_tokenizer
 
 
 def test_whitespace_is_bounded(compiler, hf_tokenizer) -> None:
-    compact = StructuredOutputsParams(json=PET)
-    assert accepts(compiler, hf_tokenizer, compact, '{"name":"Rex","age":3}')
-    for spaced in ('{"name": "Rex"}', '{ "name":"Rex"}', '{"name":"Rex"}\n', '[]'):
-        assert not accepts(compiler, hf_tokenizer, compact, spaced)
+    bounded = StructuredOutputsParams(json=PET)
+    # pretty-printed JSON passes, but no separator takes more than a newline + 8 blanks
+    assert accepts(compiler, hf_tokenizer, bounded, '{\n  "name": "Rex",\n  "age": 3\n}')
+    assert accepts(compiler, hf_tokenizer, bounded, '{"name":"Rex","age":3}')
+    assert not accepts(compiler, hf_tokenizer, bounded, '{"name":' + " " * 9 + '"Rex"}')
+    assert not accepts(compiler, hf_tokenizer, bounded, '{\n\n"name":"Rex"}')
     assert not accepts(compiler, hf_tokenizer, StructuredOutputsParams(json_object=True),
+                       '{"a":\n\n1}')
+    # disable_any_whitespace: compact JSON only, from the request or from the engine
+    compact = StructuredOutputsParams(json=PET, disable_any_whitespace=True)
+    assert accepts(compiler, hf_tokenizer, compact, '{"name":"Rex","age":3}')
+    for spaced in ('{"name": "Rex"}', '{ "name":"Rex"}', '{"name":"Rex"}\n'):
+        assert not accepts(compiler, hf_tokenizer, compact, spaced)
+    engine = GrammarCompiler(hf_tokenizer, VOCAB, config=StructuredOutputsConfig(
+        disable_any_whitespace=True))
+    assert not accepts(engine, hf_tokenizer, StructuredOutputsParams(json_object=True),
                        '{"a": 1}')
-    # off: pretty-printed JSON passes, but no separator takes more than a newline + 8 blanks
-    relaxed = StructuredOutputsParams(json=PET, disable_any_whitespace=False)
-    assert accepts(compiler, hf_tokenizer, relaxed, '{\n  "name": "Rex",\n  "age": 3\n}')
-    assert not accepts(compiler, hf_tokenizer, relaxed, '{"name":' + " " * 9 + '"Rex"}')
-    assert not accepts(compiler, hf_tokenizer, relaxed, '{\n\n"name":"Rex"}')
 
 
 def test_options_are_part_of_the_cache_key(compiler: GrammarCompiler) -> None:
     compiler.validate(StructuredOutputsParams(json=PET))
-    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=True))  # = engine
-    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=False))
+    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=False))  # = engine
+    compiler.validate(StructuredOutputsParams(json=PET, disable_any_whitespace=True))
     compiler.validate(StructuredOutputsParams(regex="a", disable_any_whitespace=False))
     compiler.validate(StructuredOutputsParams(regex="a"))  # options do not apply to a regex
     assert compiler.num_compiled == 3
