@@ -57,14 +57,14 @@ def run_rates(cmd: list[str], port: int, model: str, args: argparse.Namespace,
         stop_server(proc)
 
 
-def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int) -> list[str]:
-    threads = str(os.cpu_count() or 1)
+def llama_server_cmd(binary: Path, gguf: Path, port: int, parallel: int,
+                     threads: int) -> list[str]:
     # One KV cache shared by all slots (--kv-unified), 512 tokens a slot on average: room for
     # every slot busy with this workload's longest request (~250 prompt + 96 output tokens).
     return [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "--alias", "llama-server", "--parallel", str(parallel), "--cont-batching",
-            "--kv-unified", "--ctx-size", str(512 * parallel), "--threads", threads,
-            "--threads-batch", threads, "--no-webui"]
+            "--kv-unified", "--ctx-size", str(512 * parallel), "--threads", str(threads),
+            "--threads-batch", str(threads), "--no-webui"]
 
 
 def ratio(a: float, b: float) -> float:
@@ -106,6 +106,9 @@ def main() -> None:
                         "benchmarks/build_llama_server.sh cached)")
     parser.add_argument("--llama-parallel", type=int, default=32,
                         help="llama-server's slots (requests decoded together)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="compute threads of each server (kvflow's --num-threads, "
+                        "llama-server's --threads and --threads-batch)")
     parser.add_argument("--with-transformers", action="store_true",
                         help="also run `transformers serve` (one request at a time: slow)")
     parser.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
@@ -115,7 +118,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(args.logs)
     results: dict[str, Any] = {"benchmark": "serving", "num_prompts": args.num_prompts,
-                               "request_rates": args.request_rates}
+                               "request_rates": args.request_rates, "threads": args.threads,
+                               "llama_parallel": args.llama_parallel}
 
     binary = llama_server_binary(args.llama_server)
     if binary is None:
@@ -126,7 +130,7 @@ def main() -> None:
     port = free_port()
     results["kvflow"] = run_rates(
         [sys.executable, "-m", "kvflow.entrypoints.cli", "serve", "--port", str(port),
-         "--disable-access-log", "--disable-log-stats"],
+         "--disable-access-log", "--disable-log-stats", "--num-threads", str(args.threads)],
         port, "smollm2-135m-instruct", args, logs / "kvflow-serve.log")
     if binary is not None:
         import llamacpp
@@ -134,7 +138,8 @@ def main() -> None:
         gguf = llamacpp.default_model_as("F32")
         port = free_port()
         results["llama_server"] = run_rates(
-            llama_server_cmd(binary, gguf, port, args.llama_parallel), port, "llama-server",
+            llama_server_cmd(binary, gguf, port, args.llama_parallel, args.threads), port,
+            "llama-server",
             args, logs / "llama-server.log")
         results["llama_server_binary"] = str(binary)
     if args.with_transformers:

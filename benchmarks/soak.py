@@ -4,10 +4,10 @@
    capacity is answered with 503 rather than an ever longer queue.
 2. Probe capacity: a closed loop of max-num-seqs clients sending the valid requests of the mix
    for --probe-seconds; capacity = requests finished per second.
-3. Drive Poisson arrivals at --load x capacity for --minutes: streaming and non-streaming chat
-   and completions, n>1, logprobs, json_schema structured output; streams the client drops
-   mid-way and requests it aborts before the answer; malformed bodies (bad JSON, wrong types,
-   oversize values), which must get a 4xx.
+3. Drive Poisson arrivals for --minutes, the valid requests at --load x capacity: streaming
+   and non-streaming chat and completions, n>1, logprobs, json_schema structured output. On
+   top come streams the client drops mid-way, requests it aborts before the answer, and
+   malformed bodies (bad JSON, wrong types, oversize values), which must get a 4xx.
 4. After the traffic stops, read the leak gauges from /metrics (request state, and KV blocks
    held by requests: cached prefix blocks are not leaks) and fit the server process tree's
    resident memory, sampled every few seconds after the warm-up, to a line (MiB/hour).
@@ -41,6 +41,7 @@ from kvflow.entrypoints.bench_serve import WORDS, iter_sse
 OUTCOMES = ("ok", "4xx_expected", "503_overload", "cancelled", "5xx_other", "other")
 LEAK_GAUGES = ("kvflow:frontend_requests", "kvflow:num_requests_running",
                "kvflow:num_requests_waiting", "kvflow:kv_cache_blocks_in_use")
+VALID_KINDS = 6
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
                                            "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -153,7 +154,8 @@ def status_outcome(status: int) -> str:
 
 
 def request_mix(load: Load) -> dict[str, tuple[float, Callable[[], Awaitable[None]]]]:
-    """Kind -> (weight, send one). The first six are valid requests (the capacity probe's)."""
+    """Kind -> (weight, send one). The first VALID_KINDS are complete, valid requests: the
+    capacity probe's, and the load that --load scales."""
     chat, comp = "/v1/chat/completions", "/v1/completions"
     rng = load.rng
     return {
@@ -185,7 +187,7 @@ async def guarded(load: Load, kind: str, send: Callable[[], Awaitable[None]]) ->
 
 async def probe_capacity(load: Load, concurrency: int, seconds: float) -> float:
     """Requests per second with `concurrency` valid requests always in flight."""
-    mix = list(request_mix(load).items())[:6]
+    mix = list(request_mix(load).items())[:VALID_KINDS]
     kinds, weights = [k for k, _ in mix], [w for _, (w, _) in mix]
     sends = dict((k, s) for k, (_, s) in mix)
     deadline = time.monotonic() + seconds
@@ -270,7 +272,10 @@ async def soak(args: argparse.Namespace, base_url: str, pid: int) -> dict[str, A
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         probe = Load(client, model, args.seed)
         capacity = await probe_capacity(probe, args.max_num_seqs, args.probe_seconds)
-        rate = args.load * capacity
+        # Dropped, aborted and malformed requests cost little: the valid ones alone arrive
+        # at load x capacity, the others on top.
+        weights = [w for w, _ in request_mix(probe).values()]
+        rate = args.load * capacity * sum(weights) / sum(weights[:VALID_KINDS])
         print(f"capacity {capacity:.2f} req/s: driving {rate:.2f} req/s "
               f"for {args.minutes} min", flush=True)
         memory = MemorySampler(pid)
@@ -309,8 +314,9 @@ def report(r: dict[str, Any]) -> str:
     lines += [f"unexpected: {e}" for e in r["unexpected"][:5]]
     o = r["outcomes"]
     lines.append(
-        f"soak, {r['minutes']:g} min at {r['load']:g}x capacity ({r['rate_req_s']:.2f} of "
-        f"{r['capacity_req_s']:.2f} req/s): {r['requests']} requests: ok {o['ok']}, 4xx "
+        f"soak, {r['minutes']:g} min, valid requests at {r['load']:g}x capacity ("
+        f"{r['capacity_req_s']:.2f} req/s; all kinds {r['rate_req_s']:.2f} req/s): "
+        f"{r['requests']} requests: ok {o['ok']}, 4xx "
         f"expected {o['4xx_expected']}, 503 {o['503_overload']}, cancelled {o['cancelled']}, "
         f"other {o['other']}; 5xx other than 503: {r['5xx_other']}; leaked: "
         f"{r['leaked_kv_blocks']:g} KV blocks, {r['leaked_requests']:g} requests; RSS "
