@@ -23,12 +23,12 @@ from common import write_result
 ROOT = Path(__file__).resolve().parent.parent
 GROUNDED = [
     ("Rewrite this Python code with the function `hash_block` renamed to `block_digest`. "
-     "Output only the code.", ROOT / "kvflow/core/kv_cache.py", 700, 1600),
+     "Output only the code.", ROOT / "kvflow/core/kv_cache.py", 1700, 900),
     ("Add a docstring to every function of this code and output the whole code.",
-     ROOT / "kvflow/spec_decode/ngram.py", 520, 1400),
+     ROOT / "kvflow/spec_decode/ngram.py", 520, 900),
     ("Correct the spelling in this text and output the corrected text.",
-     ROOT / "README.md", 0, 1200),
-    ("Summarize this text, quoting its key sentences.", ROOT / "docs/architecture.md", 0, 1400),
+     ROOT / "README.md", 0, 900),
+    ("Summarize this text, quoting its key sentences.", ROOT / "docs/architecture.md", 0, 900),
 ]
 OPEN = ["Write a short story about a lighthouse keeper.",
         "Explain how a bicycle works to a child.",

@@ -236,11 +236,12 @@ class ModelRunner:
         ends = np.cumsum(query_lens) - 1
         rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         # one sampled row per position that predicts a token: a verifying request has k+1
-        positions = [(i, j) for i in rows for j in range(len(scheduled[i].spec_token_ids) + 1)]
+        sample_rows = [(i, j) for i in rows
+                       for j in range(len(scheduled[i].spec_token_ids) + 1)]
         tokens: list[int] = []
         row_logprobs: list[LogprobsLists | None] = []
-        for first in range(0, len(positions), SAMPLE_ROWS):
-            part = positions[first:first + SAMPLE_ROWS]
+        for first in range(0, len(sample_rows), SAMPLE_ROWS):
+            part = sample_rows[first:first + SAMPLE_ROWS]
             index = torch.as_tensor([ends[i] - len(scheduled[i].spec_token_ids) + j
                                      for i, j in part], device=self.device)
             part_tokens, part_logprobs = self._sample(
@@ -248,7 +249,7 @@ class ModelRunner:
                 [scheduled[i].spec_token_ids[:j] for i, j in part], hidden[index], structured)
             tokens += part_tokens
             row_logprobs += part_logprobs or [None] * len(part)
-        result = verified_result(scheduled, positions, tokens, row_logprobs)
+        result = verified_result(scheduled, sample_rows, tokens, row_logprobs)
         result.prompt_logprobs = self._prompt_logprobs(scheduled, hidden, ends)
         if order is None:
             return result

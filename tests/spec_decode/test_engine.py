@@ -125,3 +125,36 @@ def test_logprobs_and_penalties(tiny_llama_path: Path) -> None:
                     assert x.keys() == y.keys()
                     for t in x:
                         assert y[t].logprob == pytest.approx(x[t].logprob, abs=1e-4)
+
+
+def assert_equal_or_near_tie(base: list, spec: list, tolerance: float = 1e-3) -> None:
+    """Token for token, or diverging only where plain decoding's two best logprobs are
+    within `tolerance` (a near-tie that summation order may flip)."""
+    for a, b in zip(base, spec, strict=True):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        diverged = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y),
+                        None)
+        if diverged is None:
+            assert ta == tb
+            continue
+        best = sorted((lp.logprob for lp in a.outputs[0].logprobs[diverged].values()),
+                      reverse=True)
+        assert best[0] - best[1] <= tolerance, (diverged, best)
+
+
+@pytest.mark.slow  # the default model on a shared 2-core machine: ~1-2 min
+def test_default_model_greedy_identical() -> None:
+    text = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+            "Rewrite the code above with the functions renamed to plus and minus:\n")
+    items = [text, "The capital of France is", text.replace("add", "total")]
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2)
+    outputs = {}
+    for name, spec in (("off", None), ("ngram", NGRAM)):
+        llm = LLM(speculative_config=spec, kv_cache_memory_gb=0.2, max_model_len=1024,
+                  num_threads=1)
+        outputs[name] = llm.generate(items, params, use_tqdm=False)
+        if spec is not None:
+            assert accepted(llm) > 0
+        assert_core_clean(llm.llm_engine.core)
+        del llm
+    assert_equal_or_near_tie(outputs["off"], outputs["ngram"])
