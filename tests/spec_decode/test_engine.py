@@ -55,9 +55,9 @@ def accepted(llm: LLM) -> int:
 
 @pytest.mark.parametrize("engine", [
     {},  # mixed batch: some requests propose, some not
-    {"max_num_batched_tokens": 24},  # chunked prefill next to verifying decodes
+    pytest.param({"max_num_batched_tokens": 24}, marks=pytest.mark.slow),  # chunked prefill
     {"num_kv_blocks": 12, "max_num_seqs": 8},  # preemption and recompute
-    {"enable_prefix_caching": False},
+    pytest.param({"enable_prefix_caching": False}, marks=pytest.mark.slow),
 ], ids=["mixed", "chunked", "preempt", "no-prefix-cache"])
 def test_greedy_identical_to_plain_decoding(tiny_llama_path: Path, engine: dict) -> None:
     items = prompts(8)
@@ -86,6 +86,7 @@ def test_prefix_cache_hits_after_speculation(tiny_llama_path: Path) -> None:
     assert_core_clean(llm.llm_engine.core)
 
 
+@pytest.mark.slow  # a dozen engines
 def test_stops_inside_an_accepted_run(tiny_llama_path: Path) -> None:
     """max_tokens, stop strings and stop token ids cut a run of accepted tokens exactly
     where plain decoding stops."""
@@ -108,6 +109,7 @@ def test_stops_inside_an_accepted_run(tiny_llama_path: Path) -> None:
                 assert a.outputs[0].stop_reason == b.outputs[0].stop_reason
 
 
+@pytest.mark.slow  # six engines
 def test_logprobs_and_penalties(tiny_llama_path: Path) -> None:
     """One logprobs entry per emitted token, equal to plain decoding's; penalties see the
     tokens accepted earlier in the same step."""
