@@ -58,17 +58,14 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: method must be one of {list(METHODS)}, "
                              f"got {method!r}")
         k = _int(raw, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
-        common = {
-            "disable_by_batch_size": _int(raw, "disable_by_batch_size",
-                                          DEFAULT_DISABLE_BY_BATCH_SIZE, 1, None),
-            "min_acceptance_rate": _rate(raw.get("min_acceptance_rate",
-                                                 DEFAULT_MIN_ACCEPTANCE_RATE)),
-        }
+        batch = _int(raw, "disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE, 1, None)
+        rate = _rate(raw.get("min_acceptance_rate", DEFAULT_MIN_ACCEPTANCE_RATE))
         if method == "ngram":
             if "model" in raw or "quantization" in raw:
                 raise ValueError("speculative_config: ngram takes no 'model' or 'quantization'")
             low, high = _window(raw)
-            return cls("ngram", k, low, high, **common)
+            return cls("ngram", k, low, high, disable_by_batch_size=batch,
+                       min_acceptance_rate=rate)
         model = raw.get("model")
         if not isinstance(model, str) or not model:
             raise ValueError("speculative_config: draft_model needs 'model' (a folder)")
@@ -76,7 +73,8 @@ class SpeculativeConfig:
         if quantization not in (None, "int8"):
             raise ValueError(f"speculative_config: quantization must be 'int8' or null, "
                              f"got {quantization!r}")
-        return cls("draft_model", k, model=Path(model), quantization=quantization, **common)
+        return cls("draft_model", k, model=Path(model), quantization=quantization,
+                   disable_by_batch_size=batch, min_acceptance_rate=rate)
 
 
 def _int(raw: dict[str, Any], name: str, default: int | None, low: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,10 +39,13 @@ class Proposer:
         if self.draft is not None:
             self.draft.propose(chosen, config.num_speculative_tokens)
             return
+        k = config.num_speculative_tokens
         for request in chosen:
+            # fewer proposals where few are accepted: a rejected one still costs its row
+            wanted = min(k, 1 + math.ceil(request.spec_acceptance * k))
             request.spec_token_ids = propose_ngram(
-                request.all_token_ids, config.num_speculative_tokens,
-                config.prompt_lookup_min, config.prompt_lookup_max)
+                request.all_token_ids, wanted, config.prompt_lookup_min,
+                config.prompt_lookup_max)
 
     def _wanted(self, request: Request) -> bool:
         """Decodes only (a prefill chunk or a recompute is no place for proposals), not

@@ -15,8 +15,9 @@ def draft(path: Path, **extra: object) -> dict:
             "disable_by_batch_size": 64, **extra}
 
 
-@pytest.mark.parametrize("engine", [{}, {"num_kv_blocks": 12, "max_num_batched_tokens": 24}],
-                         ids=["mixed", "preempt-chunked"])
+@pytest.mark.parametrize("engine", [
+    {}, pytest.param({"num_kv_blocks": 12, "max_num_batched_tokens": 24},
+                     marks=pytest.mark.slow)], ids=["mixed", "preempt-chunked"])
 def test_greedy_identical_with_an_agreeing_draft(tiny_llama_path: Path, engine: dict) -> None:
     items = prompts(6, seed=4)
     base, _ = run(tiny_llama_path, None, items, greedy(20), **engine)
@@ -27,6 +28,7 @@ def test_greedy_identical_with_an_agreeing_draft(tiny_llama_path: Path, engine: 
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens > 0
 
 
+@pytest.mark.slow  # three engines, one quantized
 def test_greedy_identical_with_another_draft_and_int8(tiny_llama_path: Path,
                                                       tiny_qwen2_path: Path) -> None:
     items = prompts(4, seed=5)

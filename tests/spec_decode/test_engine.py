@@ -55,9 +55,9 @@ def accepted(llm: LLM) -> int:
 
 @pytest.mark.parametrize("engine", [
     {},  # mixed batch: some requests propose, some not
-    {"max_num_batched_tokens": 24},  # chunked prefill next to verifying decodes
+    pytest.param({"max_num_batched_tokens": 24}, marks=pytest.mark.slow),  # chunked prefill
     {"num_kv_blocks": 12, "max_num_seqs": 8},  # preemption and recompute
-    {"enable_prefix_caching": False},
+    pytest.param({"enable_prefix_caching": False}, marks=pytest.mark.slow),
 ], ids=["mixed", "chunked", "preempt", "no-prefix-cache"])
 def test_greedy_identical_to_plain_decoding(tiny_llama_path: Path, engine: dict) -> None:
     items = prompts(8)
@@ -86,6 +86,7 @@ def test_prefix_cache_hits_after_speculation(tiny_llama_path: Path) -> None:
     assert_core_clean(llm.llm_engine.core)
 
 
+@pytest.mark.slow  # a dozen engines
 def test_stops_inside_an_accepted_run(tiny_llama_path: Path) -> None:
     """max_tokens, stop strings and stop token ids cut a run of accepted tokens exactly
     where plain decoding stops."""
@@ -108,6 +109,7 @@ def test_stops_inside_an_accepted_run(tiny_llama_path: Path) -> None:
                 assert a.outputs[0].stop_reason == b.outputs[0].stop_reason
 
 
+@pytest.mark.slow  # six engines
 def test_logprobs_and_penalties(tiny_llama_path: Path) -> None:
     """One logprobs entry per emitted token, equal to plain decoding's; penalties see the
     tokens accepted earlier in the same step."""
@@ -125,3 +127,36 @@ def test_logprobs_and_penalties(tiny_llama_path: Path) -> None:
                     assert x.keys() == y.keys()
                     for t in x:
                         assert y[t].logprob == pytest.approx(x[t].logprob, abs=1e-4)
+
+
+def assert_equal_or_near_tie(base: list, spec: list, tolerance: float = 1e-3) -> None:
+    """Token for token, or diverging only where plain decoding's two best logprobs are
+    within `tolerance` (a near-tie that summation order may flip)."""
+    for a, b in zip(base, spec, strict=True):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        diverged = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y),
+                        None)
+        if diverged is None:
+            assert ta == tb
+            continue
+        best = sorted((lp.logprob for lp in a.outputs[0].logprobs[diverged].values()),
+                      reverse=True)
+        assert best[0] - best[1] <= tolerance, (diverged, best)
+
+
+@pytest.mark.slow  # the default model on a shared 2-core machine: ~1-2 min
+def test_default_model_greedy_identical() -> None:
+    text = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+            "Rewrite the code above with the functions renamed to plus and minus:\n")
+    items = [text, "The capital of France is", text.replace("add", "total")]
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2)
+    outputs = {}
+    for name, spec in (("off", None), ("ngram", NGRAM)):
+        llm = LLM(speculative_config=spec, kv_cache_memory_gb=0.2, max_model_len=1024,
+                  num_threads=1)
+        outputs[name] = llm.generate(items, params, use_tqdm=False)
+        if spec is not None:
+            assert accepted(llm) > 0
+        assert_core_clean(llm.llm_engine.core)
+        del llm
+    assert_equal_or_near_tie(outputs["off"], outputs["ngram"])

@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from kvflow import LLM, RequestOutputKind, SamplingParams
 from kvflow.config import AsyncEngineArgs
 from kvflow.engine.async_llm import AsyncLLM
@@ -55,6 +57,7 @@ async def test_async_streams_and_abort(tiny_llama_path: Path) -> None:
         engine.shutdown()
 
 
+@pytest.mark.slow  # a server process
 def test_server_streams_with_speculation(tiny_llama_path: Path) -> None:
     args = [str(tiny_llama_path), *TINY_ARGS, "--speculative-config", json.dumps(SPEC)]
     with RemoteServer(args) as server:
