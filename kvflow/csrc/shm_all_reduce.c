@@ -13,6 +13,11 @@
  * only after reading the set of the round before that: a slot is never overwritten while a
  * rank still reads it.
  *
+ * The gather (rank 0 collects every rank's vector: the LM head's vocabulary slices) uses the
+ * same slots and rounds; only rank 0 waits. A rank that does not wait can still not reuse
+ * its slot too early: its next round in the same set comes after a round that waits for
+ * rank 0, which publishes only after reading.
+ *
  * Waiting spins, then yields the CPU (the machine may be shared). It gives up (returns 1)
  * when the abort word is set (the engine core saw a rank die) or after timeout_s.
  */
@@ -72,5 +77,22 @@ int kvflow_shm_all_reduce(void *area, int64_t rank, int64_t world, int64_t capac
         for (int64_t i = 0; i < n; ++i)
             data[i] += slot[i];
     }
+    return 0;
+}
+
+int kvflow_shm_gather(void *area, int64_t rank, int64_t world, int64_t capacity, int64_t round,
+                      const float *data, int64_t n, float *out, double timeout_s)
+{
+    int64_t *words = area;
+    float *set = (float *)(words + (world + 1) * LINE) + (round & 1) * world * capacity;
+    memcpy(set + rank * capacity, data, (size_t)n * sizeof(float));
+    __atomic_store_n(&words[rank * LINE], round, __ATOMIC_RELEASE);
+    if (rank != 0)
+        return 0;
+    for (int64_t j = 1; j < world; ++j)
+        if (wait_for(&words[j * LINE], round, &words[world * LINE], timeout_s))
+            return 1;
+    for (int64_t j = 0; j < world; ++j) /* out [world, n]: rank-major */
+        memcpy(out + j * n, set + j * capacity, (size_t)n * sizeof(float));
     return 0;
 }
