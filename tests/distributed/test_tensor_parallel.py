@@ -93,6 +93,14 @@ def test_invalid_sizes_are_refused(uneven_llama_path: Path) -> None:
                    enable_lora=True).create_engine_config()
 
 
+def test_cli_flag() -> None:
+    import argparse
+
+    parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--tensor-parallel-size", "2"]))
+    assert args.tensor_parallel_size == 2
+
+
 def _generate(model: str, tp: int, prompts: list[list[int]], max_tokens: int,
               **engine: Any) -> tuple[list[Any], int]:
     """Greedy outputs with top-2 logprobs, and the engine's preemption count; the engine is
