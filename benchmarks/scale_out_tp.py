@@ -5,9 +5,10 @@ tokens, outputs 16-256 with ignore_eos, greedy) runs through LLM.generate with
 tensor_parallel_size=1 (2 threads) and =2 (1 thread per rank, each rank pinned to its own
 CPU), and once more at TP=2 with every all-reduce on gloo (KVFLOW_TP_SHM_ALL_REDUCE=0) to
 show what the shared-memory all-reduce saves. Each run is its own process (a TP run pins
-its rank 0 to one CPU), with GOMP_SPINCOUNT=20000 as in an engine-core process. Communication per step: rank 0's seconds in all-reduces, the step
-broadcast and the logits gather, over the steps (broadcasts); on rank 0 it includes waiting
-for the other rank.
+its rank 0 to one CPU), with GOMP_SPINCOUNT=20000 as in an engine-core process.
+Communication per step: rank 0's seconds in all-reduces, the step broadcast and the
+logits gather, over the steps (broadcasts); on rank 0 it includes waiting for the other
+rank.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from kvflow.distributed.parallel_state import (
     create_shared_area,
 )
 from kvflow.engine.protocol import WorkerStep
-from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.model_runner import SAMPLE_ROWS, ModelRunner
 
 if TYPE_CHECKING:
     from kvflow.model.llama import LlamaForCausalLM
@@ -156,8 +156,9 @@ class MultiprocExecutor:
         self.store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
         on_cpu = mc.device.type == "cpu"
-        capacity = config.scheduler_config.max_num_batched_tokens * int(
-            mc.hf_config["hidden_size"])
+        # a step's hidden states, or one sampling part's logits slices (gathered)
+        capacity = max(config.scheduler_config.max_num_batched_tokens
+                       * int(mc.hf_config["hidden_size"]), SAMPLE_ROWS * shards.vocab_per_rank)
         fd = create_shared_area(world, capacity) if on_cpu and _shm_wanted() else None
         self.workers = [self._start_worker(WorkerSpec(
             config, rank, world, self.store.port, fd, capacity,

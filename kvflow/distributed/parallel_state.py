@@ -114,6 +114,18 @@ class SharedMemoryAllReduce:
         if failed:
             raise RuntimeError("tensor-parallel all-reduce gave up: a rank died or hung")
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's tensor on rank 0, in rank order (None on the other ranks)."""
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+        self.round += 1
+        out = torch.empty(self.world, *tensor.shape) if self.rank == 0 else None
+        failed = self.lib.kvflow_shm_gather(self.address, self.rank, self.world, self.capacity,
+                                            self.round, tensor.data_ptr(), tensor.numel(),
+                                            None if out is None else out.data_ptr(), TIMEOUT_S)
+        if failed:
+            raise RuntimeError("tensor-parallel gather gave up: a rank died or hung")
+        return None if out is None else list(out.unbind(0))
+
     def abort(self) -> None:
         """Wake every rank waiting in an all-reduce with a failure (a rank died)."""
         self.lib.kvflow_shm_set_abort(self.address, self.world)
@@ -161,12 +173,18 @@ class TensorParallelGroup:
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum over the ranks, in place; every rank ends with the same values."""
         start = time.perf_counter()
-        if (self.shm is not None and tensor.dtype == torch.float32
-                and tensor.numel() <= self.shm.capacity and tensor.is_contiguous()):
+        if self._fits_shm(tensor):
+            assert self.shm is not None
             self.shm(tensor)
         else:
             self.tensors.allreduce([tensor]).wait()
         self._count("all_reduce", start)
+
+    def _fits_shm(self, tensor: torch.Tensor) -> bool:
+        """Whether the shared area takes this tensor (the same answer on every rank: the
+        ranks' tensors have the same shape)."""
+        return (self.shm is not None and tensor.dtype == torch.float32
+                and tensor.numel() <= self.shm.capacity and tensor.is_contiguous())
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:
         """Rank 0's payload on every rank: one broadcast when it fits HEAD_BYTES."""
@@ -193,6 +211,11 @@ class TensorParallelGroup:
     def gather_to_first(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's tensor (same shape on all) on rank 0, in rank order; None elsewhere."""
         start = time.perf_counter()
+        if self._fits_shm(tensor):
+            assert self.shm is not None
+            parts = self.shm.gather(tensor)
+            self._count("gather", start)
+            return parts
         options = dist.GatherOptions()
         options.rootRank = 0
         if self.rank == 0:

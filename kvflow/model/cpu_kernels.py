@@ -166,6 +166,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvflow_shm_all_reduce.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
                                           ctypes.c_double]
     lib.kvflow_shm_all_reduce.restype = ctypes.c_int
+    lib.kvflow_shm_gather.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr,
+                                      ctypes.c_double]
+    lib.kvflow_shm_gather.restype = ctypes.c_int
     lib.kvflow_shm_set_abort.argtypes = [_ptr, _i64]
     lib.kvflow_shm_set_abort.restype = None
     return lib

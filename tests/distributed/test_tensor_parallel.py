@@ -93,6 +93,14 @@ def test_invalid_sizes_are_refused(uneven_llama_path: Path) -> None:
                    enable_lora=True).create_engine_config()
 
 
+def test_cli_flag() -> None:
+    import argparse
+
+    parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--tensor-parallel-size", "2"]))
+    assert args.tensor_parallel_size == 2
+
+
 def _generate(model: str, tp: int, prompts: list[list[int]], max_tokens: int,
               **engine: Any) -> tuple[list[Any], int]:
     """Greedy outputs with top-2 logprobs, and the engine's preemption count; the engine is
@@ -125,9 +133,9 @@ def _assert_same_greedy(expected: list[Any], actual: list[Any]) -> None:
             assert abs(ref_top[want].logprob - got_top[have].logprob) < LOGPROB_TOL
 
 
-# 6 prompts of 40-90 tokens, 24 new tokens each: 12 blocks of 16 cannot hold them all (the
+# 4 prompts of 40-70 tokens, 16 new tokens each: 8 blocks of 16 cannot hold them all (the
 # scheduler preempts), and a 32-token budget chunks every prefill.
-TIGHT = {"num_kv_blocks": 12, "max_num_batched_tokens": 32, "max_num_seqs": 6}
+TIGHT = {"num_kv_blocks": 8, "max_num_batched_tokens": 32, "max_num_seqs": 4}
 
 
 def _prompts(count: int) -> list[list[int]]:
@@ -139,9 +147,9 @@ def _prompts(count: int) -> list[list[int]]:
 def test_tp2_matches_tp1_under_chunked_prefill_and_preemption(
         model: str, request: pytest.FixtureRequest, own_threads: None) -> None:
     path = str(request.getfixturevalue(model))
-    prompts = _prompts(6)
-    expected, _ = _generate(path, 1, prompts, 24, **TIGHT)
-    actual, preemptions = _generate(path, 2, prompts, 24, **TIGHT)
+    prompts = _prompts(4)
+    expected, _ = _generate(path, 1, prompts, 16, **TIGHT)
+    actual, preemptions = _generate(path, 2, prompts, 16, **TIGHT)
     assert preemptions > 0
     _assert_same_greedy(expected, actual)
 
