@@ -1,7 +1,7 @@
 """Scale-out, one invocation: (a) tensor parallel, (b) data-parallel routing.
 
-(a) TP=2 against TP=1 lives in benchmarks/scale_out_tp.py (`run_part_a(args)`); it runs
-    here when that file is present.
+(a) TP=2 against TP=1 on the default model, same total threads (benchmarks/scale_out_tp.py,
+    `run_part_a`): throughput ratio and communication per step.
 (b) 40 conversations x 8 turns of multi-turn chat (each turn resends the whole history,
     prefix_cache.py's workload), each turn's requests arriving in random order, `--wave` at
     a time. Three engines, same total KV cache: one engine core, and 2 replicas with
@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.util
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from common import cpu_isa_line, write_result
 from prefix_cache import Histories, distinct_blocks, new_histories, turn_prompts
+from scale_out_tp import add_arguments, run_part_a
 
 from kvflow import SamplingParams
 from kvflow.config import AsyncEngineArgs, EngineArgs
@@ -133,18 +132,6 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def load_part_a() -> Any:
-    """benchmarks/scale_out_tp.py's run_part_a, when that file is present."""
-    path = Path(__file__).with_name("scale_out_tp.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("scale_out_tp", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, "run_part_a", None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,16 +145,11 @@ def main() -> None:
                         help="each replica's KV blocks over the last turn's history blocks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/scale_out.json")
+    add_arguments(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {}
     if args.part in ("a", "all"):
-        run_part_a = load_part_a()
-        if run_part_a is not None:
-            results["tensor_parallel"] = run_part_a(args)
-        elif args.part == "a":
-            raise SystemExit("part (a) needs benchmarks/scale_out_tp.py (tensor parallel)")
-        else:
-            print("scale_out (a): skipped (no benchmarks/scale_out_tp.py)")
+        results["tensor_parallel"] = run_part_a(args)
     if args.part in ("b", "all"):
         results["data_parallel"] = part_b(args)
     write_result(args.json, {"benchmark": "scale_out", **results})

@@ -63,32 +63,20 @@ def in_process(tp: int, work: Work, threads: int, shm: bool) -> dict[str, Any]:
         return pool.apply(run, (tp, work, threads, shm))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="total threads of each run")
-    parser.add_argument("--skip-gloo", action="store_true",
-                        help="no TP=2 run with gloo all-reduces")
-    parser.add_argument("--json", default="benchmarks/results/scale_out_tp.json")
-    args = parser.parse_args()
-
+def run_part_a(args: argparse.Namespace) -> dict[str, Any]:
+    """TP=2 against TP=1 (and TP=2 over gloo unless --skip-gloo); prints the result line.
+    Also called by benchmarks/scale_out.py as its part (a)."""
     from transformers import AutoTokenizer
 
     from kvflow.model.registry import resolve_model
 
     path = resolve_model(None)
-    work = make_workload(AutoTokenizer.from_pretrained(path), args.num_requests, args.seed)
+    work = make_workload(AutoTokenizer.from_pretrained(path), args.tp_requests, args.seed)
     runs = {"tp1": in_process(1, work, args.threads, True),
             "tp2": in_process(2, work, args.threads, True)}
     if not args.skip_gloo:
         runs["tp2_gloo"] = in_process(2, work, args.threads, False)
     ratio = runs["tp2"]["tok_s"] / runs["tp1"]["tok_s"]
-    result = {"benchmark": "scale_out_tp", "model": path.name, "requests": len(work),
-              "output_tokens": sum(n for _, n in work), "total_threads": args.threads,
-              "runs": {k: {m: round(v, 3) for m, v in r.items()} for k, r in runs.items()},
-              "tp2_over_tp1": round(ratio, 3)}
-    write_result(args.json, result)
     tp2 = runs["tp2"]
     gloo = runs.get("tp2_gloo")
     gloo_text = (f"; TP=2 with gloo all-reduces {gloo['tok_s']:.1f} tok/s "
@@ -99,6 +87,27 @@ def main() -> None:
           f"{tp2['comm_ms_per_step']:.2f} ms/step over {tp2['steps']} steps "
           f"({tp2['all_reduce_us_each']:.0f} us per all-reduce, {tp2['comm_share']:.0%} of "
           f"the run){gloo_text}; {len(work)} requests, {path.name}, float32; {cpu_isa_line()}")
+    return {"benchmark": "scale_out_tp", "model": path.name, "requests": len(work),
+            "output_tokens": sum(n for _, n in work), "total_threads": args.threads,
+            "runs": {k: {m: round(v, 3) for m, v in r.items()} for k, r in runs.items()},
+            "tp2_over_tp1": round(ratio, 3)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp-requests", type=int, default=64,
+                        help="requests of the tensor-parallel run")
+    parser.add_argument("--threads", type=int, default=2, help="total threads of each TP run")
+    parser.add_argument("--skip-gloo", action="store_true",
+                        help="no TP=2 run with gloo all-reduces")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="benchmarks/results/scale_out_tp.json")
+    args = parser.parse_args()
+    write_result(args.json, run_part_a(args))
 
 
 if __name__ == "__main__":
