@@ -274,6 +274,10 @@ def sum_stats(per_replica: list[SchedulerStats | None]) -> SchedulerStats:
                 for k, n in v.items():
                     merged[k] = merged.get(k, 0) + n
             setattr(total, field, merged)
+        elif isinstance(values[0], list):  # per position (speculative decoding)
+            width = max(len(v) for v in values)
+            setattr(total, field, [sum(v[i] for v in values if i < len(v))
+                                   for i in range(width)])
         else:
             setattr(total, field, sum(values))
     blocks = sum(s.num_kv_blocks for s in live)

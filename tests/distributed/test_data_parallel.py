@@ -159,11 +159,13 @@ async def test_one_death_ends_only_its_requests() -> None:
 def test_stats_add_up_and_log_per_engine() -> None:
     a = SchedulerStats(num_running_reqs=1, num_kv_blocks=10, kv_cache_usage=1.0,
                        prefix_cache_queries=10, prefix_cache_hits=5,
-                       running_lora_adapters={"x": 1})
-    b = SchedulerStats(num_running_reqs=2, num_kv_blocks=30, running_lora_adapters={"x": 2})
+                       running_lora_adapters={"x": 1}, spec_num_accepted_tokens_per_pos=[4, 2])
+    b = SchedulerStats(num_running_reqs=2, num_kv_blocks=30, running_lora_adapters={"x": 2},
+                       spec_num_accepted_tokens_per_pos=[3, 1, 1])
     total = sum_stats([a, b, None])
     assert total.num_running_reqs == 3 and total.kv_cache_usage == 0.25
     assert total.running_lora_adapters == {"x": 3}
+    assert total.spec_num_accepted_tokens_per_pos == [7, 3, 1]
     line = format_engines([a, None])
     assert "engine 0: 1 running" in line and "hits 50.0%" in line and "engine 1: dead" in line
 
