@@ -201,14 +201,23 @@ class EngineCore:
                 self.offload.wait_any(timeout=0.05)  # only loads in flight: wait, not spin
             return EngineCoreOutputs([], time.time())
         structured = self.structured if self.structured and self.structured.live else None
-        if self._time_steps:
-            return self._timed_step(scheduler_output, structured)
+        start = time.perf_counter()
         result = self._execute(scheduler_output, structured)
+        if self._time_steps:  # detailed traces: each request adds up the model steps it was in
+            spent = time.perf_counter() - start
+            for s in scheduler_output.scheduled:
+                s.request.model_execute_time += spent
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
+        finished = [o for o in outputs if o.finish_reason is not None]
+        if self._time_steps:
+            requests = {s.request.request_id: s.request for s in scheduler_output.scheduled}
+            for out in finished:
+                out.timings = out.timings or RequestTimings()
+                out.timings.model_execute_time = requests[out.request_id].model_execute_time
         if structured is not None:
-            structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
+            structured.finish_requests(o.request_id for o in finished)
         return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())
 
     def take_kv_events(self) -> KVCacheEvents | None:
@@ -222,24 +231,6 @@ class EngineCore:
         except RuntimeError:  # a failed collective: name the dead worker if there is one
             self.executor.check_health(wait_s=0.5)
             raise
-
-    def _timed_step(self, scheduler_output: SchedulerOutput,
-                    structured: StructuredOutputManager | None) -> EngineCoreOutputs:
-        """step() for detailed traces: each request adds up the model steps it was in."""
-        requests = {s.request.request_id: s.request for s in scheduler_output.scheduled}
-        start = time.perf_counter()
-        result = self._execute(scheduler_output, structured)
-        spent = time.perf_counter() - start
-        for request in requests.values():
-            request.model_execute_time += spent
-        outputs = self.scheduler.update_from_output(scheduler_output, result)
-        for out in outputs:
-            if out.finish_reason is not None:
-                out.timings = out.timings or RequestTimings()
-                out.timings.model_execute_time = requests[out.request_id].model_execute_time
-        if structured is not None:
-            structured.finish_requests(o.request_id for o in outputs if o.finish_reason is not None)
-        return EngineCoreOutputs(outputs, time.time(), kv_events=self.kv.take_events())
 
     # ---- utility calls (also reachable over ZMQ by name) ------------------------------
     def pause(self) -> None:
