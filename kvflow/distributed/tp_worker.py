@@ -26,7 +26,8 @@ from kvflow.distributed.parallel_state import (
     TensorParallelGroup,
 )
 from kvflow.engine.protocol import WorkerStep
-from kvflow.worker.model_runner import ModelRunner, keep_freed_memory
+from kvflow.worker.memory import keep_freed_memory
+from kvflow.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

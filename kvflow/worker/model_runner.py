@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
-import sys
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -23,6 +21,7 @@ from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 from kvflow.spec_decode.verify import attention_rows, verified_result
 from kvflow.worker.cuda_graphs import DecodeGraphs
+from kvflow.worker.memory import CudaMemory, keep_freed_memory
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -70,7 +69,7 @@ class ModelRunner:
             keep_freed_memory()
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
-        start = _CudaMemory.at_start(config) if self.device.type == "cuda" else None
+        start = CudaMemory.at_start(config) if self.device.type == "cuda" else None
         self.model = (load_model(mc.path, mc.dtype, mc.device, mc.quantization, mc.hf_config)
                       if parallel is None else parallel.load_model(config))
         self.encoder_runner = self._encoder_runner(config)
@@ -186,7 +185,7 @@ class ModelRunner:
             return None
         return self.lora_slots.activate([s.request.lora for s in scheduled])
 
-    def _count_blocks(self, config: EngineConfig, start: _CudaMemory | None) -> int:
+    def _count_blocks(self, config: EngineConfig, start: CudaMemory | None) -> int:
         cc = config.cache_config
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
@@ -388,71 +387,6 @@ def _prompt_logprob_spans(scheduled: list[ScheduledRequest],
         stop = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
         spans[i] = (int(ends[i]) - s.num_new_tokens + 1, max(0, stop - start))
     return spans
-
-
-class _CudaMemory:
-    """GPU memory at engine start, to size the KV cache as vLLM does.
-
-    gpu_memory_utilization is this engine's share of the whole GPU: its weights, its peak
-    activations (from a profiled step), what CUDA and libraries take outside torch's
-    allocator, and the KV cache together stay within that fraction of total memory. Memory
-    held by other engines or processes does not shrink the share; the GPU must only have it
-    free at start.
-    """
-
-    def __init__(self, device: torch.device, free: int, total: int) -> None:
-        self.device, self.free, self.total = device, free, total
-        self.allocated = torch.cuda.memory_allocated(device)
-        self.reserved = torch.cuda.memory_reserved(device)
-
-    @classmethod
-    def at_start(cls, config: EngineConfig) -> _CudaMemory:
-        device = config.model_config.device
-        torch.cuda.empty_cache()  # this process's cached, unused blocks count as free
-        torch.cuda.reset_peak_memory_stats(device)
-        free, total = torch.cuda.mem_get_info(device)
-        wanted = config.cache_config.gpu_memory_utilization * total
-        if free < wanted:
-            raise ValueError(
-                f"the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB at start, "
-                f"less than gpu_memory_utilization={config.cache_config.gpu_memory_utilization} "
-                f"asks for ({wanted / 2**30:.2f} GiB): lower it or free the GPU")
-        return cls(device, free, total)
-
-    def kv_budget(self, utilization: float, temporary: int) -> float:
-        """Bytes left for the KV cache once weights and the profiled peak step are counted.
-
-        `temporary`: bytes the profiled step held that the KV cache will take the place of.
-        """
-        peak = torch.cuda.max_memory_allocated(self.device) - self.allocated - temporary
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.device)
-        outside_torch = max(0, (self.free - free)
-                            - (torch.cuda.memory_reserved(self.device) - self.reserved))
-        return utilization * self.total - peak - outside_torch
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> None:
-    """Keep large freed blocks in the process heap instead of unmapping them.
-
-    glibc serves allocations above a threshold (at most 32 MiB) with mmap and unmaps them on
-    free, so every step's tens of MB of temporaries (gathered K/V, activations) come back as
-    fresh pages the kernel must fault in and zero: a decode step's K/V gather ran 5-7x
-    slower that way here. Raising both thresholds makes the heap keep and reuse that memory;
-    the resident size then stays at the step's peak instead of going up and down.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return
-    if not (mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)):
-        logger.debug("mallopt refused the heap thresholds; large temporaries stay mmap-backed")
 
 
 def _in_order(values: list | None, order: list[int]) -> list | None:
