@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from kvflow.config import EngineConfig
-from kvflow.engine.core_client import READY_TIMEOUT_S, CoreClient, OutputSink
+from kvflow.engine.core_client import READY_TIMEOUT_S, CoreClient, OutputSink, RequestSender
 from kvflow.engine.protocol import EngineCoreOutputs, ReadyMessage, RequestType
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ class RayCoreClient(CoreClient):
         self.out_sock = self.ctx.socket(zmq.PULL)
         self.out_sock.setsockopt(zmq.LINGER, 0)
         self.out_sock.connect(ready.output_address)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._send_lock = threading.Lock()
+        self.sender = RequestSender(self.in_sock)
         self.thread = threading.Thread(target=self._receive, daemon=True,
                                        name="kvflow-ray-core-output")
         self.thread.start()
@@ -135,10 +134,8 @@ class RayCoreClient(CoreClient):
     def _send(self, kind: RequestType, payload: Any) -> None:
         import zmq
 
-        frames = [kind.value] if payload is None else [kind.value, self._encoder.encode(payload)]
         try:
-            with self._send_lock:
-                self.in_sock.send_multipart(frames, copy=False)
+            self.sender.send(kind, payload)
         except zmq.ZMQError as exc:
             self._mark_dead(f"cannot reach the engine core actor: {exc}")
             self.check_alive()

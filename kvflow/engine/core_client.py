@@ -119,6 +119,21 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class RequestSender:
+    """Encodes requests and pushes them into an engine core's input socket (callers on any
+    thread; raises zmq.ZMQError when the core cannot be reached)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._encoder = msgspec.msgpack.Encoder()
+        self._lock = threading.Lock()
+
+    def send(self, kind: RequestType, payload: Any) -> None:
+        frames = [kind.value] if payload is None else [kind.value, self._encoder.encode(payload)]
+        with self._lock:
+            self.sock.send_multipart(frames, copy=False)
+
+
 class CoreClient:
     """What AsyncLLM needs from a core: send, receive, call utilities, detect death."""
 
@@ -281,8 +296,7 @@ class MPClient(CoreClient):
         self.in_sock.setsockopt(zmq.LINGER, 0)
         self.out_sock = self.ctx.socket(zmq.PULL)
         self.out_sock.setsockopt(zmq.LINGER, 0)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._send_lock = threading.Lock()
+        self.sender = RequestSender(self.in_sock)
         mp = multiprocessing.get_context("spawn")
         ready_recv, ready_send = mp.Pipe(duplex=False)
         self.proc = mp.Process(
@@ -351,10 +365,8 @@ class MPClient(CoreClient):
     def _send(self, kind: RequestType, payload: Any) -> None:
         import zmq
 
-        frames = [kind.value] if payload is None else [kind.value, self._encoder.encode(payload)]
         try:
-            with self._send_lock:
-                self.in_sock.send_multipart(frames, copy=False)
+            self.sender.send(kind, payload)
         except zmq.ZMQError as exc:
             self._mark_dead(f"cannot reach the engine core: {exc}")
             self.check_alive()
