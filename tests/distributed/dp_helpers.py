@@ -8,6 +8,7 @@ import time
 from kvflow import RequestOutputKind, SamplingParams
 from kvflow.distributed.data_parallel import DataParallelClient
 from kvflow.engine.async_llm import AsyncLLM
+from kvflow.errors import EngineDeadError
 
 
 def params(max_tokens: int = 8, **kw: object) -> SamplingParams:
@@ -34,6 +35,20 @@ async def run(engine: AsyncLLM, request_id: str, ids: list[int], sp: SamplingPar
         for completion in out.outputs:
             tokens.extend(completion.token_ids)
     return tokens
+
+
+async def tokens_or_death(engine: AsyncLLM, request_id: str, ids: list[int],
+                          sp: SamplingParams, started: asyncio.Event) -> BaseException | int:
+    """How many tokens the request streamed, or the EngineDeadError that ended it;
+    `started` is set at its first output."""
+    count = 0
+    try:
+        async for out in engine.generate({"prompt_token_ids": ids}, sp, request_id):
+            count += len(out.outputs[0].token_ids)
+            started.set()
+    except EngineDeadError as exc:
+        return exc
+    return count
 
 
 def record_routes(engine: AsyncLLM) -> dict[str, int]:

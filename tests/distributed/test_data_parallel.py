@@ -35,6 +35,7 @@ from tests.distributed.dp_helpers import (
     prompt_ids,
     record_routes,
     run,
+    tokens_or_death,
 )
 
 
@@ -333,18 +334,9 @@ async def test_killing_one_replica_ends_its_streams_only(engine: AsyncLLM) -> No
     routes = record_routes(engine)
     started = asyncio.Event()
 
-    async def consume(i: int) -> BaseException | int:
-        count = 0
-        try:
-            async for out in engine.generate({"prompt_token_ids": prompt_ids(300 + i, 20)},
-                                             params(60 if i % 2 else 2000), f"k{i}"):
-                count += len(out.outputs[0].token_ids)
-                started.set()
-        except EngineDeadError as exc:
-            return exc
-        return count
-
-    tasks = [asyncio.create_task(consume(i)) for i in range(8)]
+    tasks = [asyncio.create_task(tokens_or_death(engine, f"k{i}", prompt_ids(300 + i, 20),
+                                                 params(60 if i % 2 else 2000), started))
+             for i in range(8)]
     await started.wait()
     victim = routes["k0"]
     os.kill(client.replicas[victim].proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from tests.distributed.dp_helpers import (
     prompt_ids,
     record_routes,
     run,
+    tokens_or_death,
 )
 
 ray = pytest.importorskip("ray")
@@ -93,18 +94,9 @@ async def test_a_dead_actor_ends_its_streams(engine: AsyncLLM) -> None:
     routes = record_routes(engine)
     started = asyncio.Event()
 
-    async def consume(i: int) -> BaseException | int:
-        count = 0
-        try:
-            async for out in engine.generate({"prompt_token_ids": prompt_ids(90 + i, 20)},
-                                             params(3000), f"k{i}"):
-                count += len(out.outputs[0].token_ids)
-                started.set()
-        except EngineDeadError as exc:
-            return exc
-        return count
-
-    tasks = [asyncio.create_task(consume(i)) for i in range(4)]
+    tasks = [asyncio.create_task(tokens_or_death(engine, f"k{i}", prompt_ids(90 + i, 20),
+                                                 params(3000), started))
+             for i in range(4)]
     await started.wait()
     victim = routes["k0"]
     actor = client.replicas[victim].actor  # type: ignore[attr-defined]
