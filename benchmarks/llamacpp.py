@@ -6,18 +6,24 @@ precision.
 `LlamaCpp` drives llama.cpp's own batch API: one stream, or many sequences batched per
 `llama_decode` call the way its server's continuous batching does (new prompts join the
 running decodes), greedy on every row.
+`llama_server_binary` finds llama.cpp's own server (benchmarks/build_llama_server.sh builds
+it from the same pinned sources); `server_single_stream` times one stream on it, for the
+machines where llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 Work = list[tuple[list[int], int]]  # (prompt token ids, output tokens)
 
+LLAMA_CPP_VERSION = "0.3.36"  # the `bench` extra's llama-cpp-python pin
 _FILE_TYPES = {"F32": 0, "Q8_0": 7, "BF16": 32}  # llama_ftype: ALL_F32, MOSTLY_Q8_0, MOSTLY_BF16
 
 
@@ -27,6 +33,47 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def llama_server_binary(explicit: str | None = None) -> Path | None:
+    """explicit, else $LLAMA_SERVER, else the build script's cached binary."""
+    from kvflow.model.cache import cache_dir
+
+    found = explicit or os.environ.get("LLAMA_SERVER")
+    cached = cache_dir() / "llama.cpp" / f"llama-server-{LLAMA_CPP_VERSION}"
+    path = Path(found) if found else cached
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def server_single_stream(binary: Path, gguf: Path, prompts: list[list[int]], max_tokens: int,
+                         threads: int, log: Path) -> tuple[float, list[list[int]]]:
+    """Greedy output tokens/s of llama-server with one slot, the prompts one after the
+    other (prompt cache off, each request timed from send to last token), and the outputs."""
+    import httpx
+    from common import free_port, start_server, stop_server
+
+    port = free_port()
+    proc = start_server([str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port",
+                         str(port), "--parallel", "1", "--ctx-size", "4096", "--threads",
+                         str(threads), "--threads-batch", str(threads), "--no-webui"],
+                        port, log)
+    url = f"http://127.0.0.1:{port}/completion"
+    try:
+        body: dict[str, Any] = {"prompt": prompts[0], "n_predict": 4, "temperature": 0.0,
+                                "cache_prompt": False}
+        httpx.post(url, json=body, timeout=600).raise_for_status()  # warm-up
+        outputs, elapsed = [], 0.0
+        for prompt in prompts:
+            body = {**body, "prompt": prompt, "n_predict": max_tokens,
+                    "return_tokens": True}
+            start = time.perf_counter()
+            reply = httpx.post(url, json=body, timeout=600)
+            elapsed += time.perf_counter() - start
+            reply.raise_for_status()
+            outputs.append(list(reply.json()["tokens"]))
+        return sum(map(len, outputs)) / elapsed, outputs
+    finally:
+        stop_server(proc)
 
 
 def default_gguf() -> Path:

@@ -24,21 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from common import free_port, start_server, stop_server, write_result
+from llamacpp import llama_server_binary
 
 from kvflow.entrypoints.bench_serve import add_bench_serve_args
 from kvflow.entrypoints.bench_serve import main as bench_main
-
-LLAMA_CPP_VERSION = "0.3.36"  # the `bench` extra's llama-cpp-python pin
-
-
-def llama_server_binary(explicit: str | None) -> Path | None:
-    """--llama-server, else $LLAMA_SERVER, else the build script's cached binary."""
-    from kvflow.model.cache import cache_dir
-
-    found = explicit or os.environ.get("LLAMA_SERVER")
-    cached = cache_dir() / "llama.cpp" / f"llama-server-{LLAMA_CPP_VERSION}"
-    path = Path(found) if found else cached
-    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
 def run_rates(cmd: list[str], port: int, model: str, args: argparse.Namespace,

@@ -75,20 +75,33 @@ def run_kvflow(spec: dict | None, prompts: list[list[int]], streams: int, max_to
     return sum(map(len, outputs)) / elapsed, outputs, mean_len
 
 
-def run_llamacpp(prompts: list[list[int]], max_tokens: int) -> float | str:
+def run_llamacpp(prompts: list[list[int]], max_tokens: int,
+                 threads: int | None) -> tuple[float, list[list[int]]] | str:
+    """llama.cpp F32, one stream: its own server where benchmarks/build_llama_server.sh built
+    it, else llama-cpp-python; the tokens/s and the outputs, or why it was skipped."""
+    import os
+
     import llamacpp
 
+    threads = threads or os.cpu_count() or 1
+    binary = llamacpp.llama_server_binary()
+    if binary is not None:
+        log = Path("benchmarks/results/speculative-llama-server.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        return llamacpp.server_single_stream(binary, llamacpp.default_model_as("F32"), prompts,
+                                             max_tokens, threads, log)
     if not llamacpp.available():
-        return "skipped: llama_cpp is not installed (pip install 'kvflow[bench]')"
-    engine = llamacpp.LlamaCpp(llamacpp.default_model_as("F32"), seq_len=4096)
+        return ("skipped: neither llama-server (benchmarks/build_llama_server.sh) nor "
+                "llama_cpp (pip install 'kvflow[bench]') is installed")
+    engine = llamacpp.LlamaCpp(llamacpp.default_model_as("F32"), seq_len=4096, threads=threads)
     try:
-        total, elapsed = 0, 0.0
+        outputs, elapsed = [], 0.0
         for prompt in prompts:
             start = time.perf_counter()
             ids, _ = engine.generate(prompt, max_tokens)
             elapsed += time.perf_counter() - start
-            total += len(ids)
-        return total / elapsed
+            outputs.append(list(ids))
+        return sum(map(len, outputs)) / elapsed, outputs
     finally:
         engine.close()
 
@@ -97,9 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
-    parser.add_argument("--draft", default=None,
-                        help="draft model folder (default: the default model quantized "
-                             "int8 is not a separate folder: a 'draft_model' run is skipped)")
+    parser.add_argument("--draft", default="default",
+                        help="draft model folder ('default': the default model itself, "
+                             "int8; 'none': no draft_model run)")
+    parser.add_argument("--draft-quantization", default=None,
+                        help="the draft's quantization (default: int8 for --draft default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--workloads", default="grounded,open")
@@ -120,10 +135,14 @@ def main() -> None:
         "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
                   "prompt_lookup_min": 2, "prompt_lookup_max": 5},
     }
-    if args.draft:
-        configs["draft"] = {"method": "draft_model", "model": args.draft,
-                            "num_speculative_tokens": args.k}
-    result: dict[str, Any] = {"max_tokens": args.max_tokens, "k": args.k}
+    if args.draft != "none":
+        draft = str(resolve_model(None)) if args.draft == "default" else args.draft
+        quantization = args.draft_quantization or ("int8" if args.draft == "default" else None)
+        configs["draft"] = {"method": "draft_model", "model": draft,
+                            "num_speculative_tokens": args.k, "quantization": quantization}
+    result: dict[str, Any] = {"max_tokens": args.max_tokens, "k": args.k,
+                              "configs": configs}
+    grounded_off: list[list[int]] = []
     for workload, prompts in workloads.items():
         for streams in map(int, args.streams.split(",")):
             base_outputs = None
@@ -134,17 +153,25 @@ def main() -> None:
                 result[f"{key}_tok_s"] = round(rate, 2)
                 if name == "off":
                     base_outputs, base = outputs, rate
+                    if (workload, streams) == ("grounded", 1):
+                        grounded_off = outputs
                     continue
                 result[f"{key}_x"] = round(rate / base, 2)
                 result[f"{key}_mean_accept_len"] = round(mean_len, 2)
                 result[f"{key}_same_outputs"] = sum(
                     a == b for a, b in zip(outputs, base_outputs or [], strict=True))
                 print(key, result[f"{key}_tok_s"], "tok/s", result[f"{key}_x"], "x", flush=True)
-    llama = run_llamacpp(workloads.get("grounded", []), args.max_tokens)
-    result["llamacpp_f32_grounded_1_tok_s"] = llama if isinstance(llama, str) else round(llama, 2)
-    if not isinstance(llama, str) and "grounded_1_ngram_tok_s" in result:
-        result["grounded_1_ngram_over_llamacpp"] = round(
-            result["grounded_1_ngram_tok_s"] / llama, 2)
+    llama = run_llamacpp(workloads.get("grounded", []), args.max_tokens, args.threads)
+    if isinstance(llama, str):
+        result["llamacpp_f32_grounded_1_tok_s"] = llama
+    else:
+        result["llamacpp_f32_grounded_1_tok_s"] = round(llama[0], 2)
+        result["llamacpp_f32_grounded_1_same_outputs"] = sum(
+            a == b[:len(a)] for a, b in zip(llama[1], grounded_off, strict=False))
+        for name in configs:
+            key = f"grounded_1_{name}_tok_s"
+            if key in result:
+                result[f"grounded_1_{name}_over_llamacpp"] = round(result[key] / llama[0], 2)
     write_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k.endswith(("_x", "_tok_s"))}))
 
