@@ -5,15 +5,19 @@ like for like), prefix caching off, one invocation: 1 stream (the prompts one af
 other) and 8 streams (8 requests at once), on two workloads:
 - grounded: edit or summarize a given passage or piece of code (outputs copy the prompt);
 - open: short open-ended instructions (nothing to copy).
-Plus llama.cpp F32, one stream, on the grounded prompts where llama_cpp is installed.
+Plus llama.cpp F32, one stream, on the grounded prompts: its own llama-server where
+benchmarks/build_llama_server.sh built it, else llama-cpp-python where installed.
 Ratios are each configuration over "off" in the same invocation (this machine is shared:
-absolute figures drift, ratios much less). Prints one result line; JSON in --json.
+absolute figures drift, ratios much less); tokens/s counts each prompt's prefill, the
+decode speed-up (`_tpot_x`) compares the median time per output token after the first.
+Prints one result line; JSON in --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +56,9 @@ def grounded_texts() -> list[str]:
 
 
 def run_kvflow(spec: dict | None, prompts: list[list[int]], streams: int, max_tokens: int,
-               threads: int | None) -> tuple[float, list[list[int]], float]:
-    """tokens/s, the outputs and the mean acceptance length of one configuration."""
+               threads: int | None) -> tuple[float, list[list[int]], float, float]:
+    """tokens/s, the outputs, the mean acceptance length and the median time per output
+    token after the first (ms) of one configuration."""
     from kvflow import LLM, SamplingParams
 
     llm = LLM(speculative_config=spec, enable_prefix_caching=False, disable_log_stats=True,
@@ -63,16 +68,21 @@ def run_kvflow(spec: dict | None, prompts: list[list[int]], streams: int, max_to
                  use_tqdm=False)  # warm-up
     work = [prompts[i % len(prompts)] for i in range(max(streams, len(prompts)))]
     outputs: list[list[int]] = []
+    tpots: list[float] = []
     start = time.perf_counter()
     for first in range(0, len(work), streams):
         batch = [{"prompt_token_ids": p} for p in work[first:first + streams]]
         done = llm.generate(batch, params, use_tqdm=False)
         outputs += [list(o.outputs[0].token_ids) for o in done]
+        for o in done:
+            m, n = o.metrics, len(o.outputs[0].token_ids)
+            if m and m.first_token_time and m.last_token_time and n > 1:
+                tpots.append((m.last_token_time - m.first_token_time) / (n - 1))
     elapsed = time.perf_counter() - start
     stats = llm.llm_engine.core.get_stats()
     mean_len = 1 + stats.spec_num_accepted_tokens / max(stats.spec_num_drafts, 1)
     del llm
-    return sum(map(len, outputs)) / elapsed, outputs, mean_len
+    return sum(map(len, outputs)) / elapsed, outputs, mean_len, statistics.median(tpots) * 1e3
 
 
 def run_llamacpp(prompts: list[list[int]], max_tokens: int,
@@ -108,7 +118,8 @@ def run_llamacpp(prompts: list[list[int]], max_tokens: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="output tokens a request (an edit copies its ~300-token passage)")
     parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
     parser.add_argument("--draft", default="default",
                         help="draft model folder ('default': the default model itself, "
@@ -147,21 +158,25 @@ def main() -> None:
         for streams in map(int, args.streams.split(",")):
             base_outputs = None
             for name, spec in configs.items():
-                rate, outputs, mean_len = run_kvflow(spec, prompts, streams, args.max_tokens,
-                                                     args.threads)
+                rate, outputs, mean_len, tpot = run_kvflow(spec, prompts, streams,
+                                                           args.max_tokens, args.threads)
                 key = f"{workload}_{streams}_{name}"
                 result[f"{key}_tok_s"] = round(rate, 2)
+                result[f"{key}_tpot_ms"] = round(tpot, 2)
                 if name == "off":
-                    base_outputs, base = outputs, rate
+                    base_outputs, base, base_tpot = outputs, rate, tpot
                     if (workload, streams) == ("grounded", 1):
                         grounded_off = outputs
                     continue
                 result[f"{key}_x"] = round(rate / base, 2)
+                result[f"{key}_tpot_x"] = round(base_tpot / tpot, 2)  # decode speed-up
                 result[f"{key}_mean_accept_len"] = round(mean_len, 2)
                 result[f"{key}_same_outputs"] = sum(
                     a == b for a, b in zip(outputs, base_outputs or [], strict=True))
-                print(key, result[f"{key}_tok_s"], "tok/s", result[f"{key}_x"], "x", flush=True)
-    llama = run_llamacpp(workloads.get("grounded", []), args.max_tokens, args.threads)
+                print(key, result[f"{key}_tok_s"], "tok/s", result[f"{key}_x"], "x, decode",
+                      result[f"{key}_tpot_x"], "x", flush=True)
+    llama = run_llamacpp(workloads["grounded"], args.max_tokens, args.threads) \
+        if "grounded" in workloads else "skipped: no grounded workload"
     if isinstance(llama, str):
         result["llamacpp_f32_grounded_1_tok_s"] = llama
     else:

@@ -203,12 +203,13 @@ class EngineCore:
         structured = self.structured if self.structured and self.structured.live else None
         start = time.perf_counter()
         result = self._execute(scheduler_output, structured)
+        spent = time.perf_counter() - start
         if self._time_steps:  # detailed traces: each request adds up the model steps it was in
-            spent = time.perf_counter() - start
             for s in scheduler_output.scheduled:
                 s.request.model_execute_time += spent
         outputs = self.scheduler.update_from_output(scheduler_output, result)
         if self.proposer is not None:
+            self.proposer.observe(scheduler_output, result, spent)
             self.proposer.propose(self.scheduler.running)
         finished = [o for o in outputs if o.finish_reason is not None]
         if self._time_steps:

@@ -25,7 +25,8 @@ import torch
 from kvflow.model import hugepages
 from kvflow.model.attention import build_attention_metadata, kv_cache_shape
 from kvflow.model.loader import load_hf_config, load_model
-from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from kvflow.spec_decode.verify import attention_rows
 
 if TYPE_CHECKING:
     from kvflow.config import EngineConfig
@@ -86,13 +87,18 @@ class DraftModel:
     def _forward(self, requests: list[Request], inputs: list[list[int]],
                  starts: list[int]) -> list[int]:
         """One draft forward over each request's `inputs` placed at `starts`; the argmax
-        after each request's last input."""
+        after each request's last input. A short catch-up (the last token and the accepted
+        proposals) runs as single-token queries, as verification does, so a step of them
+        takes the decode kernels (the C whole-layer path on a CPU) instead of a prefill's."""
         query_lens = [len(x) for x in inputs]
         seq_lens = [s + q for s, q in zip(starts, query_lens, strict=True)]
         assert self.kv is not None
         tables = [self.kv.block_ids(r.request_id) for r in requests]
-        metadata = build_attention_metadata(query_lens, seq_lens, tables, self.block_size,
-                                            self.device, cpu_kernel=self.cpu_kernel)
+        rows = attention_rows(query_lens, seq_lens, tables,
+                              [q - 1 if q <= MAX_SPECULATIVE_TOKENS + 1 else 0
+                               for q in query_lens])
+        metadata = build_attention_metadata(*rows, self.block_size, self.device,
+                                            cpu_kernel=self.cpu_kernel)
         ids = torch.from_numpy(np.fromiter((t for x in inputs for t in x), dtype=np.int64,
                                            count=sum(query_lens))).to(self.device)  # [T]
         positions = torch.from_numpy(np.concatenate([
