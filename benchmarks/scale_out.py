@@ -6,8 +6,9 @@
     prefix_cache.py's workload), each turn's requests arriving in random order, `--wave` at
     a time. Three engines, same total KV cache: one engine core, and 2 replicas with
     prefix-aware routing and with round-robin routing. Each replica's cache holds
-    `--replica-cache-fraction` of the last turn's histories (so a replica cannot hold every
-    conversation, the single core can). Prints the prefix-cache hit rate and the median
+    `--replica-cache-fraction` (half) of the last turn's histories: the two together hold
+    them all, as the single core does, but one replica cannot hold every conversation.
+    Prints the prefix-cache hit rate and the median
     time to first token of turns 2..N of each, and the ratios.
     Targets: prefix-aware >= 1.5x round-robin's hit rate and >= 0.9x the single core's.
 """
@@ -138,10 +139,10 @@ def main() -> None:
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--conversations", type=int, default=40)
     parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--reply-tokens", type=int, default=16)
+    parser.add_argument("--reply-tokens", type=int, default=32)
     parser.add_argument("--wave", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--replica-cache-fraction", type=float, default=0.6,
+    parser.add_argument("--replica-cache-fraction", type=float, default=0.5,
                         help="each replica's KV blocks over the last turn's history blocks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/scale_out.json")

@@ -59,3 +59,31 @@ def test_a_change_is_followed() -> None:
     # and come back: the next round of the slower kind finds it faster again
     kinds = run(rates, 2, 200, spec_rate=300, plain_rate=100)
     assert all(kinds[-20:])
+
+
+def test_the_step_after_one_without_proposals_is_not_timed() -> None:
+    """A draft's first step with proposals includes catching up on what it missed."""
+    from types import SimpleNamespace
+
+    from kvflow.core.scheduler import StepResult
+    from kvflow.spec_decode.config import SpeculativeConfig
+    from kvflow.spec_decode.proposer import Proposer
+
+    proposer = Proposer(SpeculativeConfig("ngram", 3, 2, 3))
+
+    def step(drafts: list[int], accepted: list[int]) -> None:
+        out = SimpleNamespace(scheduled=[SimpleNamespace(num_new_tokens=1 + len(drafts),
+                                                         spec_token_ids=drafts)])
+        result = StepResult([7], spec_tokens=[accepted] if drafts else None)
+        proposer.observe(out, result, 0.5)  # type: ignore[arg-type]
+
+    step([], [])
+    assert proposer.rates.samples == {(1, False): 1} and proposer.rates.rates[(1, False)] == 2
+    step([5, 6, 7], [5, 6])  # the first with proposals after one without: not timed
+    assert (1, True) not in proposer.rates.samples
+    step([5, 6, 7], [5, 6, 7])  # 1 + 3 tokens in 0.5 s
+    assert proposer.rates.rates[(1, True)] == 8
+    # a prefill chunk in the step: not a decode step, nothing timed
+    out = SimpleNamespace(scheduled=[SimpleNamespace(num_new_tokens=40, spec_token_ids=[])])
+    proposer.observe(out, StepResult([None]), 0.5)  # type: ignore[arg-type]
+    assert proposer.rates.samples == {(1, False): 1, (1, True): 1}
