@@ -12,6 +12,14 @@ deterministic, so verification's sample-and-compare rule keeps random rows exact
 kvflow.spec_decode.verify). A prefix-cache hit skips the target's work, not the draft's:
 the draft computes what it has not computed itself, so a shared block's draft K/V is
 rewritten with the same values.
+
+A draft that is the target itself (its own folder, quantized: the usual way to get a
+cheaper copy when no smaller model shares the tokenizer) keeps no cache: it attends over
+the target's K/V, which its own would only approximate, and writes the K/V of its guesses
+into the slots verification overwrites next (every verify layer writes the step's K/V
+before attending). It then never catches up: a same-size draft catching up on each
+prompt, and on the tokens it missed while speculation was off, would cost about as much
+as the target's own prefill.
 """
 
 from __future__ import annotations
@@ -47,9 +55,14 @@ class DraftModel:
         hf = load_hf_config(config.model)
         self.model = load_model(config.model, mc.dtype, mc.device, config.quantization,
                                 hf.to_dict())
+        self.runner = runner
+        # the target itself, quantized: its K/V serve (see the module's docstring)
+        self.shares_kv = config.model.resolve() == mc.path.resolve()
         shape = kv_cache_shape(runner.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
-        if self.device.type == "cpu":
+        if self.shares_kv:
+            self.kv_caches: list[torch.Tensor] = []
+        elif self.device.type == "cpu":
             self.kv_caches = [hugepages.zeros(math.prod(shape), mc.dtype).view(shape)
                               for _ in range(self.model.num_layers)]
         else:
@@ -65,12 +78,14 @@ class DraftModel:
         assert self.kv is not None
         kv = self.kv
         requests = [r for r in requests  # (positions past max_model_len: none near the end)
-                    if r.num_tokens + k <= r.max_model_len and kv.allocate_slots(r, k)]
+                    if r.num_tokens + k <= r.max_model_len and kv.allocate_slots(r, k)
+                    and not (self.shares_kv and self._in_cached_block(r))]
         if not requests:
             return
         inputs, starts = [], []
         for r in requests:
-            start = min(r.num_draft_computed, r.num_computed_tokens)
+            start = r.num_computed_tokens if self.shares_kv \
+                else min(r.num_draft_computed, r.num_computed_tokens)
             starts.append(start)
             inputs.append(r.all_token_ids[start:])
         guesses = self._forward(requests, inputs, starts)  # [R]
@@ -83,6 +98,15 @@ class DraftModel:
         for r, p in zip(requests, proposals, strict=True):
             r.spec_token_ids = p
             r.num_draft_computed = r.num_tokens + k - 1  # d_k itself was never fed
+
+    def _in_cached_block(self, request: Request) -> bool:
+        """Whether the request's next position lies in a prefix-cache block (a resumed
+        request can recompute its last token there): other requests may read that block,
+        so a guess's K/V must not be written into it."""
+        assert self.kv is not None
+        block = self.kv.block_ids(request.request_id)[request.num_computed_tokens
+                                                      // self.block_size]
+        return self.kv.blocks[block].block_hash is not None
 
     def _forward(self, requests: list[Request], inputs: list[list[int]],
                  starts: list[int]) -> list[int]:
@@ -104,6 +128,7 @@ class DraftModel:
         positions = torch.from_numpy(np.concatenate([
             np.arange(s, s + q, dtype=np.int64) for s, q in zip(starts, query_lens, strict=True)
         ])).to(self.device)  # [T]
-        hidden = self.model(ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        caches = self.runner.kv_caches if self.shares_kv else self.kv_caches
+        hidden = self.model(ids, positions, caches, metadata)  # [T, hidden]
         last = torch.as_tensor(np.cumsum(query_lens) - 1, device=self.device)  # [R]
         return self.model.compute_logits(hidden[last]).argmax(dim=-1).tolist()

@@ -4,6 +4,7 @@ decoding's, with a draft that agrees (the target itself) and one that does not."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,13 @@ from tests.spec_decode.test_engine import accepted, assert_same, greedy, prompts
 def draft(path: Path, **extra: object) -> dict:
     return {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3,
             "disable_by_batch_size": 64, **extra}
+
+
+def shares_kv(llm: Any) -> bool:
+    """Whether the engine's draft attends over the target's K/V."""
+    proposer = llm.llm_engine.core.proposer
+    assert proposer is not None and proposer.draft is not None
+    return bool(proposer.draft.shares_kv)
 
 
 @pytest.mark.parametrize("engine", [
@@ -26,6 +34,8 @@ def test_greedy_identical_with_an_agreeing_draft(tiny_llama_path: Path, engine: 
     stats = llm.llm_engine.core.get_stats()
     # the target proposing for itself: nearly every proposal is accepted
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens > 0
+    # and it attends over the target's K/V: no cache of its own
+    assert shares_kv(llm) and llm.llm_engine.core.proposer.draft.kv_caches == []  # type: ignore[union-attr]
 
 
 @pytest.mark.slow  # three engines, one quantized
@@ -37,4 +47,6 @@ def test_greedy_identical_with_another_draft_and_int8(tiny_llama_path: Path,
         out, llm = run(tiny_llama_path, spec, items, greedy(16, stop=["the"]))
         assert_same(base, out)
         assert llm.llm_engine.core.get_stats().spec_num_drafts > 0
+        # another model keeps its own cache; the target's int8 copy shares the target's
+        assert shares_kv(llm) == ("quantization" in spec)
     assert accepted(llm) > 0  # the int8 copy agrees with its float32 original often
