@@ -17,6 +17,10 @@ _FIELDS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min",
 # step of that many decodes is no longer bound by reading the weights on this CPU, so
 # verifying extra tokens costs about what they save (benchmarks/speculative.py measures it).
 DEFAULT_DISABLE_BY_BATCH_SIZE = 8
+# A draft model runs k forwards of its own over every request it proposes for, so its
+# proposals stop paying sooner: at 5-8 requests the default model's int8 copy proposing for
+# itself made steps ~7% slower a token than plain ones (BENCHMARKS.md, speculative decoding).
+DRAFT_DISABLE_BY_BATCH_SIZE = 4
 # A request whose proposals are accepted less often than this (a moving average) mostly
 # probes instead of proposing every step.
 DEFAULT_MIN_ACCEPTANCE_RATE = 0.2
@@ -58,7 +62,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: method must be one of {list(METHODS)}, "
                              f"got {method!r}")
         k = _int(raw, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
-        batch = _int(raw, "disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE, 1, None)
+        batch = _int(raw, "disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE
+                     if method == "ngram" else DRAFT_DISABLE_BY_BATCH_SIZE, 1, None)
         rate = _rate(raw.get("min_acceptance_rate", DEFAULT_MIN_ACCEPTANCE_RATE))
         if method == "ngram":
             if "model" in raw or "quantization" in raw:

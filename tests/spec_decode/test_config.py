@@ -20,6 +20,7 @@ def test_ngram_forms_and_defaults() -> None:
     assert config is not None and (config.prompt_lookup_min, config.prompt_lookup_max) == (2, 4)
     both = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2})
     assert both is not None and (both.prompt_lookup_min, both.prompt_lookup_max) == (5, 5)
+    assert both.disable_by_batch_size == 8  # lookups cost nothing: only the verify rows
     high = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2,
                                     "prompt_lookup_max": 3})
     assert high is not None and high.prompt_lookup_min == 3
@@ -55,6 +56,10 @@ def test_engine_args_and_draft_checks(tiny_llama_path: Path, tiny_qwen2_path: Pa
         {"method": "draft_model", "model": str(tiny_qwen2_path), "num_speculative_tokens": 3}))
     config = args.create_engine_config().speculative_config
     assert config is not None and config.model == tiny_qwen2_path
+    assert config.disable_by_batch_size == 4  # a draft's own forwards: it stops paying sooner
+    wide = SpeculativeConfig.parse({"method": "draft_model", "model": "m",
+                                    "num_speculative_tokens": 3, "disable_by_batch_size": 16})
+    assert wide is not None and wide.disable_by_batch_size == 16
     other_vocab = tmp_path / "vocab"
     shutil.copytree(tiny_qwen2_path, other_vocab)
     hf = json.loads((other_vocab / "config.json").read_text())
