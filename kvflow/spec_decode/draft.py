@@ -56,8 +56,10 @@ class DraftModel:
         self.model = load_model(config.model, mc.dtype, mc.device, config.quantization,
                                 hf.to_dict())
         self.runner = runner
-        # the target itself, quantized: its K/V serve (see the module's docstring)
-        self.shares_kv = config.model.resolve() == mc.path.resolve()
+        # the target itself, quantized: its K/V serve (see the module's docstring); not
+        # under tensor parallelism, where this rank's cache holds only some KV heads
+        self.shares_kv = (config.model.resolve() == mc.path.resolve()
+                          and runner.parallel is None)
         shape = kv_cache_shape(runner.num_blocks, self.block_size, self.model.num_kv_heads,
                                self.model.head_dim)
         if self.shares_kv:
