@@ -176,7 +176,7 @@ def main() -> None:
                 print(key, result[f"{key}_tok_s"], "tok/s", result[f"{key}_x"], "x, decode",
                       result[f"{key}_tpot_x"], "x", flush=True)
     llama = run_llamacpp(workloads["grounded"], args.max_tokens, args.threads) \
-        if "grounded" in workloads else "skipped: no grounded workload"
+        if grounded_off else "skipped: no grounded workload at one stream"
     if isinstance(llama, str):
         result["llamacpp_f32_grounded_1_tok_s"] = llama
     else:
