@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--conversations", type=int, default=40)
     parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--reply-tokens", type=int, default=32)
+    parser.add_argument("--reply-tokens", type=int, default=64)
     parser.add_argument("--wave", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--replica-cache-fraction", type=float, default=0.5,
