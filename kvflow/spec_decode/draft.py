@@ -81,6 +81,7 @@ class DraftModel:
         kv = self.kv
         requests = [r for r in requests  # (positions past max_model_len: none near the end)
                     if r.num_tokens + k <= r.max_model_len and kv.allocate_slots(r, k)
+                    # (after the allocation: the next position's block may be new)
                     and not (self.shares_kv and self._in_cached_block(r))]
         if not requests:
             return

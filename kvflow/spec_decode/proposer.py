@@ -74,11 +74,11 @@ class StepRates:
         wait = self.wait.get(b, EXPLORE_EVERY)
         if step > wait + EXPLORE_STEPS:  # a round of the slower kind is over: judge it
             won_again = self.winner.get(b, faster) == faster
-            self.wait[b] = min(2 * wait, EXPLORE_MAX) if won_again else EXPLORE_EVERY
+            wait = self.wait[b] = min(2 * wait, EXPLORE_MAX) if won_again else EXPLORE_EVERY
             self.winner[b] = faster
             step = 1
         self.steps[b] = step
-        return not faster if step > self.wait.get(b, EXPLORE_EVERY) else faster
+        return not faster if step > wait else faster
 
 
 class Proposer:
