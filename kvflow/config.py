@@ -181,7 +181,7 @@ class EngineArgs:
                 self.otlp_traces_endpoint, self.collect_detailed_traces),
             attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
-            data_parallel_config=self._data_parallel_config(),
+            data_parallel_config=self._data_parallel_config(device),
             speculative_config=_speculative_config(self.speculative_config, model_config),
         )
 
@@ -208,7 +208,7 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size > 1 does not support {', '.join(refused)} "
                              "yet")
 
-    def _data_parallel_config(self) -> DataParallelConfig | None:
+    def _data_parallel_config(self, device: torch.device) -> DataParallelConfig | None:
         """Replica settings; None for one engine core (the plain path, nothing added)."""
         size = self.data_parallel_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -223,6 +223,12 @@ class EngineArgs:
                              f"{self.data_parallel_routing!r}")
         if size == 1:
             return None
+        gpus = size * self.tensor_parallel_size
+        if self.data_parallel_backend == "mp" and device.type == "cuda" \
+                and gpus > torch.cuda.device_count():
+            raise ValueError(f"data_parallel_size {size} x tensor_parallel_size "
+                             f"{self.tensor_parallel_size} needs {gpus} GPUs on this machine; "
+                             f"torch sees {torch.cuda.device_count()}")
         return DataParallelConfig(size=size, backend=self.data_parallel_backend,
                                   address=self.data_parallel_address,
                                   routing=self.data_parallel_routing)
@@ -398,6 +404,14 @@ def _resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
+
+
+def offset_device(device: torch.device, offset: int) -> torch.device:
+    """The GPU `offset` places after `device`'s (a tensor-parallel rank's, or a local
+    data-parallel replica's first); a CPU stays itself."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + offset)
 
 
 def _resolve_dtype(dtype: str, device: torch.device, quantization: str | None) -> torch.dtype:

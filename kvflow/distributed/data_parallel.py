@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, offset_device
 from kvflow.core.kv_cache import prompt_block_hashes
 from kvflow.distributed.router import Router
 from kvflow.engine.core_client import (
@@ -296,12 +296,20 @@ def replica_threads(config: EngineConfig, replicas: int) -> int:
     return max(1, (cores or 1) // replicas)
 
 
+def replica_config(config: EngineConfig, index: int, replicas: int) -> EngineConfig:
+    """Local replica `index`'s config: its share of the cores, and on GPUs its own ones
+    (replica i's ranks on GPUs i*tp .. i*tp+tp-1)."""
+    mc = config.model_config
+    device = offset_device(mc.device, index * config.tensor_parallel_size)
+    return dataclasses.replace(config, num_threads=replica_threads(config, replicas),
+                               model_config=dataclasses.replace(mc, device=device))
+
+
 def start_mp_replicas(config: EngineConfig, sinks: list[ReplicaSink]) -> list[CoreClient]:
     """One engine-core process per replica, started (and loading the model) at once."""
-    replica_config = dataclasses.replace(config,
-                                         num_threads=replica_threads(config, len(sinks)))
+    configs = [replica_config(config, i, len(sinks)) for i in range(len(sinks))]
     with _core_environment(), ThreadPoolExecutor(max_workers=len(sinks)) as pool:
-        futures = [pool.submit(MPClient, replica_config, sink) for sink in sinks]
+        futures = [pool.submit(MPClient, c, sink) for c, sink in zip(configs, sinks, strict=True)]
         started: list[CoreClient] = []
         error: BaseException | None = None
         for fut in futures:

@@ -167,7 +167,8 @@ def start_ray_replicas(config: EngineConfig, sinks: list[Any]) -> list[RayCoreCl
     assert dp is not None
     connect_ray(dp.address)
     cpus = config.num_threads or 1  # each replica's torch threads, and the CPUs it reserves
-    gpus = 1 if config.model_config.device.type == "cuda" else 0
+    # a replica's tensor-parallel ranks each hold a GPU (Ray hands the actor its own)
+    gpus = config.tensor_parallel_size if config.model_config.device.type == "cuda" else 0
     bundle = {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
     pg = placement_group([bundle] * len(sinks), strategy="SPREAD")
     ready, _ = ray.wait([pg.ready()], timeout=READY_TIMEOUT_S)

@@ -6,6 +6,7 @@ runs every step rank 0 broadcasts until told to stop or its engine core is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kvflow.config import offset_device
 from kvflow.distributed.executor import RankContext, WorkerSpec, pin_rank
 from kvflow.distributed.parallel_state import (
     ModelShards,
@@ -58,10 +60,11 @@ def run_step(runner: ModelRunner, step: WorkerStep) -> None:
 
 def serve(spec: WorkerSpec) -> None:
     """Join the group, load the shard, run steps until told to stop."""
-    config = spec.config
-    device = config.model_config.device
+    device = offset_device(spec.config.model_config.device, spec.rank)
+    config = dataclasses.replace(spec.config, model_config=dataclasses.replace(
+        spec.config.model_config, device=device))
     if device.type == "cuda":
-        torch.cuda.set_device(spec.rank)
+        torch.cuda.set_device(device)
     else:
         keep_freed_memory()
     pin_rank(spec.cpus, spec.num_threads)

@@ -67,6 +67,8 @@ class ModelRunner:
         self.dtype = mc.dtype
         if self.device.type == "cpu":
             keep_freed_memory()
+        elif self.device.index is not None:  # a replica's or rank's own GPU
+            torch.cuda.set_device(self.device)
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         start = CudaMemory.at_start(config) if self.device.type == "cuda" else None

@@ -4,6 +4,7 @@ processes: concurrent streams, aborts, n > 1, conversations sticking, utilities,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -11,10 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from kvflow import EngineDeadError
-from kvflow.config import AsyncEngineArgs, EngineArgs
-from kvflow.distributed.data_parallel import DataParallelClient, ReplicaSink, sum_stats
+from kvflow.config import AsyncEngineArgs, EngineArgs, offset_device
+from kvflow.distributed.data_parallel import (
+    DataParallelClient,
+    ReplicaSink,
+    replica_config,
+    replica_threads,
+    sum_stats,
+)
 from kvflow.distributed.router import Router
 from kvflow.engine.async_llm import AsyncLLM
 from kvflow.engine.core_client import CoreClient, OutputBridge, RequestsFailed
@@ -37,6 +45,8 @@ from tests.distributed.dp_helpers import (
     run,
     tokens_or_death,
 )
+
+CPU = torch.device("cpu")
 
 
 # ---- the replica set without processes -------------------------------------------------
@@ -175,8 +185,32 @@ def test_data_parallel_arguments_are_checked() -> None:
     for bad in ({"data_parallel_size": 0}, {"data_parallel_backend": "slurm"},
                 {"data_parallel_routing": "random"}):
         with pytest.raises(ValueError, match="data_parallel"):
-            EngineArgs(**bad)._data_parallel_config()  # type: ignore[arg-type]
-    assert EngineArgs()._data_parallel_config() is None
+            EngineArgs(**bad)._data_parallel_config(CPU)  # type: ignore[arg-type]
+    assert EngineArgs()._data_parallel_config(CPU) is None
+
+
+def test_local_replicas_on_gpus_need_a_gpu_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    args = EngineArgs(data_parallel_size=2, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="needs 4 GPUs on this machine; torch sees 3"):
+        args._data_parallel_config(torch.device("cuda"))
+    assert args._data_parallel_config(CPU) is not None  # cores are shared out instead
+    ray = EngineArgs(data_parallel_size=2, tensor_parallel_size=2, data_parallel_backend="ray")
+    assert ray._data_parallel_config(torch.device("cuda")) is not None  # Ray places GPUs
+
+
+def test_each_local_replica_gets_its_own_gpus_and_share_of_cores(tiny_llama_path: Path) -> None:
+    config = EngineArgs(model=str(tiny_llama_path), num_kv_blocks=16).create_engine_config()
+    on_cpu = [replica_config(config, i, 2) for i in range(2)]
+    assert [c.model_config.device for c in on_cpu] == [CPU, CPU]
+    assert on_cpu[0].num_threads == on_cpu[1].num_threads == replica_threads(config, 2)
+    gpu = dataclasses.replace(config, tensor_parallel_size=2, model_config=dataclasses.replace(
+        config.model_config, device=torch.device("cuda")))
+    devices = [replica_config(gpu, i, 3).model_config.device for i in range(3)]
+    assert devices == [torch.device("cuda", 0), torch.device("cuda", 2), torch.device("cuda", 4)]
+    # a rank's GPU follows its replica's first one
+    assert offset_device(devices[1], 1) == torch.device("cuda", 3)
+    assert offset_device(CPU, 1) == CPU
 
 
 # ---- two engine-core processes -------------------------------------------------------------
