@@ -2,10 +2,10 @@
 
 (a) TP=2 against TP=1 on the default model, same total threads (benchmarks/scale_out_tp.py,
     `run_part_a`): throughput ratio and communication per step.
-(b) 40 conversations x 8 turns of multi-turn chat (each turn resends the whole history,
-    prefix_cache.py's workload), each turn's requests arriving in random order, `--wave` at
-    a time. Three engines, same total KV cache: one engine core, and 2 replicas with
-    prefix-aware routing and with round-robin routing. Each replica's cache holds
+(b) 40 conversations x 8 turns of multi-turn chat with 128-token replies (each turn resends
+    the whole history, prefix_cache.py's workload), each turn's requests arriving in random
+    order, `--wave` at a time. Three engines, same total KV cache: one engine core, and 2
+    replicas with prefix-aware routing and with round-robin routing. Each replica's cache holds
     `--replica-cache-fraction` (half) of the last turn's histories: the two together hold
     them all, as the single core does, but one replica cannot hold every conversation.
     Prints the prefix-cache hit rate and the median
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--conversations", type=int, default=40)
     parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--reply-tokens", type=int, default=64)
+    parser.add_argument("--reply-tokens", type=int, default=128)
     parser.add_argument("--wave", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--replica-cache-fraction", type=float, default=0.5,
