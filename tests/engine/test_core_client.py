@@ -30,6 +30,9 @@ class _IdleCore:
     def has_work(self) -> bool:
         return False
 
+    def shutdown(self) -> None:  # the loop calls it when told to stop
+        pass
+
 
 def test_core_removes_its_socket_files_when_its_client_is_gone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

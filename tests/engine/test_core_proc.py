@@ -22,6 +22,9 @@ class _Core:
     def has_work(self) -> bool:
         return self.left > 0
 
+    def shutdown(self) -> None:  # the loop calls it when told to stop
+        pass
+
     def step(self) -> EngineCoreOutputs:
         self.left -= 1
         self.steps += 1
