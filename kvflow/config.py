@@ -414,6 +414,13 @@ def offset_device(device: torch.device, offset: int) -> torch.device:
     return torch.device("cuda", (device.index or 0) + offset)
 
 
+def with_device_offset(config: EngineConfig, offset: int) -> EngineConfig:
+    """`config` on the device `offset_device` gives (a rank's or a replica's own GPU)."""
+    mc = config.model_config
+    return dataclasses.replace(config, model_config=dataclasses.replace(
+        mc, device=offset_device(mc.device, offset)))
+
+
 def _resolve_dtype(dtype: str, device: torch.device, quantization: str | None) -> torch.dtype:
     """auto: bfloat16 on a GPU, and on a CPU that computes bf16 natively (the ISA level in
     use: AMX or AVX512-BF16) unless the weights are int8 (float32 activations); float32 on

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from kvflow.config import EngineConfig, offset_device
+from kvflow.config import EngineConfig, with_device_offset
 from kvflow.core.kv_cache import prompt_block_hashes
 from kvflow.distributed.router import Router
 from kvflow.engine.core_client import (
@@ -299,10 +299,8 @@ def replica_threads(config: EngineConfig, replicas: int) -> int:
 def replica_config(config: EngineConfig, index: int, replicas: int) -> EngineConfig:
     """Local replica `index`'s config: its share of the cores, and on GPUs its own ones
     (replica i's ranks on GPUs i*tp .. i*tp+tp-1)."""
-    mc = config.model_config
-    device = offset_device(mc.device, index * config.tensor_parallel_size)
-    return dataclasses.replace(config, num_threads=replica_threads(config, replicas),
-                               model_config=dataclasses.replace(mc, device=device))
+    return dataclasses.replace(with_device_offset(config, index * config.tensor_parallel_size),
+                               num_threads=replica_threads(config, replicas))
 
 
 def start_mp_replicas(config: EngineConfig, sinks: list[ReplicaSink]) -> list[CoreClient]:

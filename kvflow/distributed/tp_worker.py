@@ -6,7 +6,6 @@ runs every step rank 0 broadcasts until told to stop or its engine core is gone.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kvflow.config import offset_device
+from kvflow.config import with_device_offset
 from kvflow.distributed.executor import RankContext, WorkerSpec, pin_rank
 from kvflow.distributed.parallel_state import (
     ModelShards,
@@ -28,7 +27,7 @@ from kvflow.distributed.parallel_state import (
     TensorParallelGroup,
 )
 from kvflow.engine.protocol import WorkerStep
-from kvflow.worker.memory import keep_freed_memory
+from kvflow.worker.memory import settle_on
 from kvflow.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -60,13 +59,9 @@ def run_step(runner: ModelRunner, step: WorkerStep) -> None:
 
 def serve(spec: WorkerSpec) -> None:
     """Join the group, load the shard, run steps until told to stop."""
-    device = offset_device(spec.config.model_config.device, spec.rank)
-    config = dataclasses.replace(spec.config, model_config=dataclasses.replace(
-        spec.config.model_config, device=device))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        keep_freed_memory()
+    config = with_device_offset(spec.config, spec.rank)
+    device = config.model_config.device
+    settle_on(device)  # before the group: NCCL binds the current GPU
     pin_rank(spec.cpus, spec.num_threads)
     torch.manual_seed(config.model_config.seed)
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, False,

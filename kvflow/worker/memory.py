@@ -59,6 +59,15 @@ class CudaMemory:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def settle_on(device: torch.device) -> None:
+    """Prepare this process to run on `device`: on a CPU keep freed memory in the heap; a
+    numbered GPU (a data-parallel replica's or tensor-parallel rank's own) becomes current."""
+    if device.type == "cpu":
+        keep_freed_memory()
+    elif device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def keep_freed_memory() -> None:
     """Keep large freed blocks in the process heap instead of unmapping them.
 

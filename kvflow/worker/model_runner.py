@@ -21,7 +21,7 @@ from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 from kvflow.spec_decode.verify import attention_rows, verified_result
 from kvflow.worker.cuda_graphs import DecodeGraphs
-from kvflow.worker.memory import CudaMemory, keep_freed_memory
+from kvflow.worker.memory import CudaMemory, settle_on
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -65,10 +65,7 @@ class ModelRunner:
         self.parallel = parallel
         self.device = mc.device
         self.dtype = mc.dtype
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        elif self.device.index is not None:  # a replica's or rank's own GPU
-            torch.cuda.set_device(self.device)
+        settle_on(self.device)
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         start = CudaMemory.at_start(config) if self.device.type == "cuda" else None
